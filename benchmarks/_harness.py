@@ -1,0 +1,111 @@
+"""Measurement helpers shared by the benchmarks: median times, peak memory, the card's measured ceilings, and a
+result table that benchmarks/conftest.py prints at the end of the session and writes as JSON.
+
+Timing: ``triton.testing.do_bench`` median (CUDA events, L2 flushed between runs). Ceilings are measured in the same
+process: device-to-device copy bandwidth (bytes read + written) and a large bf16 matmul rate.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from datetime import date
+
+import torch
+
+RESULTS: list[dict] = []
+
+
+def require_cuda():
+    import pytest
+
+    if not torch.cuda.is_available():
+        pytest.skip("benchmarks need a CUDA device")
+
+
+def median_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def peak_extra_memory_gib(fn) -> float:
+    """Peak memory allocated during one call of fn beyond what was allocated before it, in GiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**30
+
+
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth_gbs() -> float:
+    """Measured device-to-device copy bandwidth in GB/s (bytes read + bytes written), 2 GiB buffers."""
+    n = 2**30 // 2
+    src = torch.empty(n, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_tflops() -> float:
+    """Measured bf16 matmul rate in TFLOP/s (8192^3, random data)."""
+    n = 8192
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    ms = median_ms(lambda: a @ b)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def record(group: str, case: str, impl: str, ms: float, *, bytes_moved: float | None = None,
+           flops: float | None = None, peak_gib: float | None = None, note: str = "") -> dict:
+    """Add one row to the session's result table and return it."""
+    row = {"group": group, "case": case, "impl": impl, "ms": ms, "peak_gib": peak_gib, "note": note,
+           "device": device_name(), "torch": torch.__version__, "date": date.today().isoformat()}
+    if bytes_moved is not None:
+        gbs = bytes_moved / (ms * 1e-3) / 1e9
+        row["GB/s"] = gbs
+        row["%copy"] = 100 * gbs / copy_bandwidth_gbs()
+    if flops is not None:
+        tflops = flops / (ms * 1e-3) / 1e12
+        row["TFLOP/s"] = tflops
+        row["%mm"] = 100 * tflops / matmul_tflops()
+    RESULTS.append(row)
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["group", "case", "impl", "ms", "GB/s", "%copy", "TFLOP/s", "%mm", "peak_gib", "note"]
+    used = [c for c in cols if any(r.get(c) not in (None, "") for r in rows)]
+
+    def cell(v):
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+        return str(v)
+
+    out = ["| " + " | ".join(used) + " |", "|" + "---|" * len(used)]
+    out += ["| " + " | ".join(cell(r.get(c)) for c in used) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def write_results(path: str | None = None) -> str | None:
+    path = path or os.environ.get("FACM_EXT_BENCH_JSON")
+    if not path or not RESULTS:
+        return None
+    ceilings = {}
+    if torch.cuda.is_available():
+        ceilings = {"copy_GB/s": copy_bandwidth_gbs(), "bf16_mm_TFLOP/s": matmul_tflops()}
+    with open(path, "w") as f:
+        json.dump({"device": device_name(), "torch": torch.__version__, "ceilings": ceilings, "rows": RESULTS},
+                  f, indent=1)
+    return path
