@@ -54,12 +54,12 @@ def extension_modules():
 
     with_cuda, reason = want_cuda_build()
     print(f"facm_ext: CUDA kernels {'ON' if with_cuda else 'OFF'} ({reason})")
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # torch adds the C++ standard its headers need (C++20 on torch >= 2.13)
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
         arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
         defines = ["-DFACM_EXT_WITH_CUDA", f'-DFACM_EXT_CUDA_ARCHS="{arch_list}"']
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo",
                       "--expt-relaxed-constexpr"] + defines
         return [CUDAExtension(
             "facm_ext._C",

@@ -2,7 +2,7 @@
 
 Each op is a torch custom op (``torch.ops.facm_ext.<name>``) with a fake implementation for torch.compile and a
 backward for its primal output; the tangent output carries no graph. Plain-PyTorch references of the primal
-functions are in :mod:`facm_ext.ops.reference`.
+functions are in :mod:`facm_ext.reference` (one module per family).
 
 The op modules load lazily (the attention op imports Triton), so ``import facm_ext.ops`` stays cheap.
 """
