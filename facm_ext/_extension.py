@@ -8,6 +8,7 @@ Importing facm_ext never imports _C and never touches CUDA. The first op call th
 from __future__ import annotations
 
 import importlib
+import re
 import threading
 
 _lock = threading.Lock()
@@ -44,7 +45,7 @@ def build_info() -> dict:
     import torch
 
     fields = dict(item.split("=", 1) for item in torch.ops.facm_ext.build_info().split(";", 1))
-    archs = [a for a in fields.get("archs", "").replace(" ", ";").split(";") if a]
+    archs = [a for a in re.split(r"[;, ]+", fields.get("archs", "")) if a]
     return {"extension": True, "cuda": fields.get("cuda") == "1", "archs": archs, "error": None}
 
 
