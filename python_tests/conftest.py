@@ -46,3 +46,12 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests skipped for want of CUDA are the GPU tests: mark them ``gpu`` so `-m gpu` selects exactly them."""
+    for item in items:
+        for mark in item.iter_markers("skipif"):
+            if mark.kwargs.get("reason") == "needs a CUDA device":
+                item.add_marker(pytest.mark.gpu)
+                break
