@@ -1,0 +1,193 @@
+"""Reference models (facm_ext.models): shapes, official parameter names and counts, adaLN-Zero init, RoPE tables,
+and forward-mode differentiability of the plain-PyTorch models (the reference other layers test against)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from facm_ext.models import LightningDiT, LightningDiT_XL_1, RMSNorm, rope_2d_tables
+
+
+def tiny_lightningdit(**kw) -> LightningDiT:
+    cfg = dict(input_size=6, patch_size=1, in_channels=4, hidden_size=48, depth=2, num_heads=4, num_classes=10)
+    cfg.update(kw)
+    return LightningDiT(**cfg)
+
+
+def randomize_(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
+    """Non-zero values in every parameter (the official init zeroes the adaLN heads and the output layer)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------- LightningDiT
+
+
+def test_lightningdit_xl_shapes_and_param_count():
+    with torch.device("meta"):
+        model = LightningDiT_XL_1()
+    # Official LightningDiT-XL/1 (qk-norm, SwiGLU, RMSNorm, RoPE, 32 latent channels): 674,965,856 parameters.
+    assert count_params(model) == 674_965_856
+    block = model.blocks[0]
+    assert isinstance(model.blocks, torch.nn.ModuleList) and len(model.blocks) == 28
+    assert tuple(block.mlp.w12.weight.shape) == (6144, 1152)
+    assert tuple(block.mlp.w3.weight.shape) == (1152, 3072)
+    assert tuple(block.attn.qkv.weight.shape) == (3456, 1152)
+    assert tuple(block.attn.q_norm.weight.shape) == (72,)
+    assert isinstance(block.norm1, RMSNorm) and isinstance(block.attn.q_norm, RMSNorm)
+    assert tuple(model.feat_rope.freqs_cos.shape) == (256, 72)
+    assert tuple(model.pos_embed.shape) == (1, 256, 1152)
+    assert tuple(model.y_embedder.embedding_table.weight.shape) == (1001, 1152)
+    assert tuple(model.final_layer.linear.weight.shape) == (32, 1152)
+
+
+def official_lightningdit_keys(depth: int, qknorm: bool, rope: bool) -> set[str]:
+    """State-dict keys of hustvl/LightningDiT models/lightningdit.py (RMSNorm, SwiGLU), written out by hand."""
+    keys = {
+        "pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias",
+        "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
+        "y_embedder.embedding_table.weight",
+        "final_layer.norm_final.weight", "final_layer.linear.weight", "final_layer.linear.bias",
+        "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias",
+    }
+    if rope:
+        keys |= {"feat_rope.freqs_cos", "feat_rope.freqs_sin"}
+    for i in range(depth):
+        block = [
+            "norm1.weight", "norm2.weight", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+            "mlp.w12.weight", "mlp.w12.bias", "mlp.w3.weight", "mlp.w3.bias",
+            "adaLN_modulation.1.weight", "adaLN_modulation.1.bias",
+        ]
+        if qknorm:
+            block += ["attn.q_norm.weight", "attn.k_norm.weight"]
+        keys |= {f"blocks.{i}.{k}" for k in block}
+    return keys
+
+
+@pytest.mark.parametrize("qknorm", [True, False])
+def test_lightningdit_state_dict_keys_are_official(qknorm):
+    model = tiny_lightningdit(use_qknorm=qknorm)
+    assert set(model.state_dict()) == official_lightningdit_keys(2, qknorm=qknorm, rope=True)
+    no_rope = tiny_lightningdit(use_qknorm=qknorm, use_rope=False)
+    assert set(no_rope.state_dict()) == official_lightningdit_keys(2, qknorm=qknorm, rope=False)
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_lightningdit_forward_shape_and_zero_init(learn_sigma):
+    model = tiny_lightningdit(learn_sigma=learn_sigma)
+    x = torch.randn(3, 4, 6, 6)
+    t = torch.rand(3)
+    y = torch.tensor([0, 9, 10])  # 10 = null class
+    out = model(x, t, y)
+    assert out.shape == (3, 4, 6, 6)
+    # adaLN-Zero: modulation heads and the final linear start at zero, so the fresh model's output is exactly 0 ...
+    assert torch.count_nonzero(out) == 0
+    for block in model.blocks:
+        assert torch.count_nonzero(block.adaLN_modulation[1].weight) == 0
+    # ... and each block is the identity on its input tokens.
+    tokens, c = model.embed(x, t, y)
+    assert torch.equal(model.blocks[0](tokens, c, model.feat_rope), tokens)
+    randomize_(model)
+    assert model(x, t, y).abs().sum() > 0
+
+
+def test_lightningdit_rejects_bad_inputs():
+    model = tiny_lightningdit()
+    with pytest.raises(ValueError, match="x"):
+        model(torch.randn(2, 3, 6, 6), torch.rand(2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="t"):
+        model(torch.randn(2, 4, 6, 6), torch.rand(3), torch.zeros(2, dtype=torch.long))
+
+
+def test_rope_tables_match_direct_computation():
+    head_dim, grid = 12, 5
+    cos, sin = rope_2d_tables(head_dim, grid)
+    assert cos.shape == (grid * grid, head_dim)
+    half = head_dim // 2
+    for token in range(grid * grid):
+        row, col = divmod(token, grid)
+        for ch in range(head_dim):
+            pos, local = (row, ch) if ch < half else (col, ch - half)
+            pair = local // 2
+            angle = pos * 10000.0 ** (-2 * pair / half)
+            assert cos[token, ch].item() == pytest.approx(math.cos(angle), abs=1e-6)
+            assert sin[token, ch].item() == pytest.approx(math.sin(angle), abs=1e-6)
+
+
+def test_rope_module_rotates_interleaved_pairs():
+    model = tiny_lightningdit()
+    rope = model.feat_rope
+    q = torch.randn(2, 4, 36, 12, dtype=torch.float64)
+    out = rope.double()(q)
+    cos, sin = rope.freqs_cos, rope.freqs_sin
+    even, odd = q[..., 0::2], q[..., 1::2]
+    # Pair (2i, 2i+1) rotated by angle_i: (a cos - b sin, b cos + a sin), each pair sharing one angle.
+    assert torch.allclose(cos[:, 0::2], cos[:, 1::2]) and torch.allclose(sin[:, 0::2], sin[:, 1::2])
+    c, s = cos[:, 0::2], sin[:, 0::2]
+    assert torch.allclose(out[..., 0::2], even * c - odd * s)
+    assert torch.allclose(out[..., 1::2], odd * c + even * s)
+    # Rotations preserve the norm of each pair.
+    assert torch.allclose(out.norm(dim=-1), q.norm(dim=-1))
+
+
+def test_rmsnorm_float32_statistics_and_float64():
+    norm = RMSNorm(40)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 40, dtype=torch.float64) * 7
+    ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight.double()
+    assert torch.allclose(norm.double()(x), ref, rtol=1e-12, atol=1e-12)
+    xb = x.to(torch.bfloat16)
+    out = RMSNorm(40).to(torch.bfloat16)(xb)
+    assert out.dtype == torch.bfloat16
+    ref32 = xb.float() * torch.rsqrt(xb.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert torch.equal(out, ref32.to(torch.bfloat16))
+
+
+def test_lightningdit_torch_func_jvp_matches_finite_differences():
+    # The plain model is the reference for facm_ext.jvp: torch.func.jvp must run through it in float64 (SDPA's
+    # CPU flash kernel has no forward-AD formula, so the math backend is selected).
+    model = randomize_(tiny_lightningdit()).double()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    t = torch.rand(2, dtype=torch.float64)
+    y = torch.tensor([3, 10])
+    tx, tt = torch.randn_like(x), torch.ones_like(t)
+
+    def f(x_, t_):
+        return model(x_, t_, y)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        primal, tangent = torch.func.jvp(f, (x, t), (tx, tt))
+    eps = 1e-6
+    fd = (f(x + eps * tx, t + eps * tt) - f(x - eps * tx, t - eps * tt)) / (2 * eps)
+    assert torch.allclose(primal, f(x, t))
+    assert (fd - tangent).norm() / tangent.norm() < 1e-7
+
+
+def test_lightningdit_meta_init_then_materialize():
+    with torch.device("meta"):
+        model = tiny_lightningdit()
+    model.to_empty(device="cpu")
+    model.initialize_weights()
+    ref = tiny_lightningdit()
+    assert torch.equal(model.pos_embed, ref.pos_embed)
+    assert torch.equal(model.feat_rope.freqs_cos, ref.feat_rope.freqs_cos)
+    x, t, y = torch.randn(2, 4, 6, 6), torch.rand(2), torch.tensor([1, 2])
+    assert torch.count_nonzero(model(x, t, y)) == 0
+
+
+def test_lightningdit_compiles_fullgraph():
+    model = randomize_(tiny_lightningdit())
+    x, t, y = torch.randn(2, 4, 6, 6), torch.rand(2), torch.tensor([1, 10])
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    assert torch.allclose(compiled(x, t, y), model(x, t, y), rtol=1e-5, atol=1e-6)
