@@ -1,1 +1,151 @@
-# placeholder: being written
+"""Linear-layer JVP: ``y = x W^T + b`` and ``y' = x' W^T`` from one GEMM over the stacked rows ``[x; x']``.
+
+Backends (chosen at run time inside the custom op ``torch.ops.facm_ext.linear_jvp``):
+- ``triton``: fp16/bf16 CUDA tensors. One Triton GEMM whose programs compute the same row tile of x and x' with two
+  fp32 accumulators sharing every W tile load, so W is read once; the bias goes into the primal epilogue only, and
+  primal and tangent are written to two separate outputs (no concatenation, no split copies).
+- ``reference``: everything else (CPU, fp32/fp64, ``FACM_EXT_BACKEND=reference``): two ``F.linear`` calls. fp32 on
+  CUDA stays on cuBLAS because a Triton fp32 dot is either TF32 (not fp32-accurate) or slow.
+
+Autocast: the public function casts like ``F.linear`` under ``torch.autocast`` (every fp16/bf16/fp32 argument to the
+autocast dtype of x's device) before calling the custom op, and the op body runs with autocast disabled, so the
+fake implementation and the real one agree on dtypes.
+
+Gradients: only the primal output is differentiable (dx, dW, db); the tangent output never carries a graph.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from facm_ext.ops._common import (
+    OpInfo,
+    check_same_device,
+    check_same_dtype,
+    check_tangent,
+    check_tensor,
+    register_op_info,
+    use_triton,
+    zeros_tangent,
+)
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16)
+
+register_op_info(OpInfo(
+    name="linear_jvp",
+    backends={
+        "triton": "fp16/bf16 CUDA tensors: one stacked dual-accumulator GEMM, bias in the primal epilogue",
+        "reference": "CPU, fp32/fp64, or FACM_EXT_BACKEND=reference: two F.linear calls (cuBLAS on CUDA)",
+    },
+    notes="fp32 on CUDA uses cuBLAS (exact fp32) rather than a TF32 Triton dot; under torch.autocast the "
+          "arguments are cast as F.linear would be",
+))
+
+
+# ------------------------------------------------------------------------------------------------------- autocast
+def autocast_cast(device_type: str, *tensors: Optional[torch.Tensor]) -> tuple:
+    """Cast like an autocast 'lower precision' op (F.linear): fp16/bf16/fp32 tensors go to the autocast dtype of
+    ``device_type`` when autocast is enabled there; None and float64 tensors pass unchanged."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    target = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(target) if t is not None and t.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                 else t for t in tensors)
+
+
+# ------------------------------------------------------------------------------------------------------ validation
+def check_linear_args(x, tx, weight, bias, *, x_name="x", tx_name="tx", weight_name="weight", bias_name="bias",
+                      autocast: bool = False) -> None:
+    """ValueError naming the offending argument unless the arguments form a valid ``F.linear`` (+ tangent)."""
+    check_tensor(x_name, x, min_ndim=1)
+    check_tangent(tx_name, tx, x_name, x)
+    check_tensor(weight_name, weight, ndim=2)
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{weight_name}: expected shape [N, {x.shape[-1]}] (K = last dim of {x_name}), "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor(bias_name, bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{bias_name}: expected shape [{weight.shape[0]}] (N = rows of {weight_name}), "
+                             f"got {tuple(bias.shape)}")
+    check_same_device(x_name, x, **{weight_name: weight, bias_name: bias})
+    if not autocast:
+        check_same_dtype(x_name, x, **{tx_name: tx, weight_name: weight, bias_name: bias})
+
+
+# -------------------------------------------------------------------------------------------------------- the op
+def _linear_jvp_reference(x, tx, weight, bias):
+    y = F.linear(x, weight, bias)
+    ty = F.linear(tx, weight) if tx is not None else zeros_tangent(y)
+    return y, ty
+
+
+@torch.library.custom_op("facm_ext::linear_jvp", mutates_args=())
+def _linear_jvp_op(x: torch.Tensor, tx: Optional[torch.Tensor], weight: torch.Tensor,
+                   bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.autocast(x.device.type, enabled=False):
+        if x.numel() > 0 and use_triton(x, tx, weight, bias, dtypes=TRITON_DTYPES):
+            from facm_ext.kernels.mlp_jvp_triton import dual_gemm
+
+            lead = x.shape[:-1]
+            out, tout, _ = dual_gemm(x.reshape(-1, x.shape[-1]),
+                                     None if tx is None else tx.reshape(-1, tx.shape[-1]),
+                                     weight, bias, activation="none")
+            y = out.view(*lead, out.shape[-1])
+            ty = tout.view(*lead, out.shape[-1]) if tout is not None else zeros_tangent(y)
+            return y, ty
+        return _linear_jvp_reference(x, tx, weight, bias)
+
+
+@_linear_jvp_op.register_fake
+def _(x, tx, weight, bias):
+    shape = (*x.shape[:-1], weight.shape[0])
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, _, weight, bias = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y, _grad_ty):
+    x, weight = ctx.saved_tensors
+    need_x, _, need_w, need_b = ctx.needs_input_grad
+    grad_2d = grad_y.reshape(-1, grad_y.shape[-1])
+    dx = dw = db = None
+    if need_x:
+        dx = (grad_2d @ weight).view(x.shape)
+    if need_w:
+        dw = grad_2d.t() @ x.reshape(-1, x.shape[-1])
+    if need_b and ctx.has_bias:
+        db = grad_2d.sum(0)
+    return dx, None, dw, db
+
+
+_linear_jvp_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_jvp(x: torch.Tensor, tx: Optional[torch.Tensor], weight: torch.Tensor,
+               bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Primal and tangent of ``F.linear``: ``(x W^T + b, x' W^T)``.
+
+    Args:
+        x: [..., K] fp16/bf16/fp32/fp64, any leading dims, any strides.
+        tx: tangent of x, [..., K] like x, or None (zero tangent).
+        weight: [N, K], x's dtype (or any float dtype under torch.autocast); no tangent (parameters are constant).
+        bias: [N] or None; enters the primal only.
+    Returns:
+        (y, ty): both [..., N] in x's dtype (the autocast dtype under autocast). y is differentiable w.r.t. x,
+        weight and bias; ty carries no graph.
+    """
+    autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
+    check_linear_args(x, tx, weight, bias, autocast=autocast)
+    if autocast:
+        x, tx, weight, bias = autocast_cast(x.device.type, x, tx, weight, bias)
+        check_same_dtype("x", x, tx=tx, weight=weight, bias=bias)
+    return _linear_jvp_op(x, tx, weight, bias)
