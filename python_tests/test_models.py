@@ -9,7 +9,17 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from facm_ext.models import LightningDiT, LightningDiT_XL_1, RMSNorm, rope_2d_tables
+from facm_ext.models import (
+    DiT,
+    DiT_XL_2,
+    LightningDiT,
+    LightningDiT_XL_1,
+    RMSNorm,
+    load_checkpoint,
+    load_dit_checkpoint,
+    load_lightningdit_checkpoint,
+    rope_2d_tables,
+)
 
 
 def tiny_lightningdit(**kw) -> LightningDiT:
@@ -191,3 +201,161 @@ def test_lightningdit_compiles_fullgraph():
     x, t, y = torch.randn(2, 4, 6, 6), torch.rand(2), torch.tensor([1, 10])
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     assert torch.allclose(compiled(x, t, y), model(x, t, y), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- DiT
+
+
+def tiny_dit(**kw) -> DiT:
+    cfg = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=2, num_heads=4, num_classes=10)
+    cfg.update(kw)
+    return DiT(**cfg)
+
+
+def official_dit_keys(depth: int) -> set[str]:
+    """State-dict keys of facebookresearch/DiT models.py (timm PatchEmbed/Attention/Mlp), written out by hand."""
+    keys = {
+        "pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias",
+        "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
+        "y_embedder.embedding_table.weight",
+        "final_layer.linear.weight", "final_layer.linear.bias",
+        "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias",
+    }
+    block = [
+        "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+        "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+        "adaLN_modulation.1.weight", "adaLN_modulation.1.bias",
+    ]
+    for i in range(depth):
+        keys |= {f"blocks.{i}.{k}" for k in block}
+    return keys
+
+
+def test_dit_xl_param_count_and_shapes():
+    with torch.device("meta"):
+        model = DiT_XL_2(learn_sigma=True)
+    # Official DiT-XL/2 reports 675,129,632 parameters, counting its frozen pos_embed Parameter (here a buffer).
+    assert count_params(model) + model.pos_embed.numel() == 675_129_632
+    block = model.blocks[0]
+    assert len(model.blocks) == 28
+    assert tuple(block.mlp.fc1.weight.shape) == (4608, 1152)
+    assert isinstance(block.mlp.act, torch.nn.GELU) and block.mlp.act.approximate == "tanh"
+    assert block.norm1.elementwise_affine is False and block.norm1.eps == 1e-6
+    assert tuple(model.final_layer.linear.weight.shape) == (2 * 2 * 8, 1152)
+    assert tuple(model.pos_embed.shape) == (1, 256, 1152)
+
+
+def test_dit_state_dict_keys_are_official():
+    assert set(tiny_dit().state_dict()) == official_dit_keys(2)
+
+
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_dit_forward_shape_and_zero_init(learn_sigma):
+    model = tiny_dit(learn_sigma=learn_sigma)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 5, 10])
+    out = model(x, t, y)
+    assert out.shape == (3, 8 if learn_sigma else 4, 8, 8)
+    assert torch.count_nonzero(out) == 0
+    tokens, c = model.embed(x, t, y)
+    assert tokens.shape == (3, 16, 48)
+    assert torch.equal(model.blocks[1](tokens, c), tokens)
+    randomize_(model)
+    assert model(x, t, y).abs().sum() > 0
+
+
+def test_dit_torch_func_jvp_matches_finite_differences():
+    model = randomize_(tiny_dit()).double()
+    x, t, y = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.rand(2, dtype=torch.float64), torch.tensor([1, 10])
+    tx, tt = torch.randn_like(x), torch.ones_like(t)
+
+    def f(x_, t_):
+        return model(x_, t_, y)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        _, tangent = torch.func.jvp(f, (x, t), (tx, tt))
+    eps = 1e-6
+    fd = (f(x + eps * tx, t + eps * tt) - f(x - eps * tx, t - eps * tt)) / (2 * eps)
+    assert (fd - tangent).norm() / tangent.norm() < 1e-7
+
+
+def test_sincos_pos_embed_matches_official_formula():
+    # Official (MAE) layout: channels [0, C/2) encode the column w, [C/2, C) the row h; each half is [sin, cos].
+    model = tiny_dit(hidden_size=16, num_heads=2)
+    pos = model.pos_embed[0]
+    grid = model.grid_size
+    omega = [1.0 / 10000 ** (i / 4) for i in range(4)]
+    for token in range(grid * grid):
+        h, w = divmod(token, grid)
+        expect = [math.sin(w * o) for o in omega] + [math.cos(w * o) for o in omega]
+        expect += [math.sin(h * o) for o in omega] + [math.cos(h * o) for o in omega]
+        assert torch.allclose(pos[token], torch.tensor(expect), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+def official_layout_state_dict(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A synthetic state dict with the official key names (from the hand-written lists) and random values."""
+    return {prefix + k: torch.randn_like(v) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("layout", ["bare", "ema", "model", "module_prefix", "compiled_prefix"])
+def test_load_lightningdit_checkpoint_layouts(layout, tmp_path):
+    model = tiny_lightningdit()
+    state = official_layout_state_dict(model)
+    assert set(state) == official_lightningdit_keys(2, qknorm=True, rope=True)
+    if layout == "bare":
+        ckpt = state
+    elif layout == "ema":
+        ckpt = {"model": {k: torch.zeros_like(v) for k, v in state.items()}, "ema": state, "opt": {}}
+    elif layout == "model":
+        ckpt = {"model": state, "steps": 7}
+    elif layout == "module_prefix":
+        ckpt = {"ema": {"module." + k: v for k, v in state.items()}}
+    else:
+        ckpt = {"_orig_mod.module." + k: v for k, v in state.items()}
+    path = tmp_path / "ckpt.pt"
+    torch.save(ckpt, path)
+    loaded = load_lightningdit_checkpoint(path, tiny_lightningdit())
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    # Already-loaded dicts work too.
+    assert torch.equal(load_lightningdit_checkpoint(ckpt, tiny_lightningdit()).pos_embed, state["pos_embed"])
+
+
+def test_load_checkpoint_reports_missing_unexpected_and_shape_errors():
+    state = official_layout_state_dict(tiny_lightningdit(use_qknorm=True))
+    with pytest.raises(ValueError) as info:
+        load_lightningdit_checkpoint(state, tiny_lightningdit(use_qknorm=False))
+    assert "unexpected keys (4)" in str(info.value) and "blocks.0.attn.q_norm.weight" in str(info.value)
+    del state["blocks.1.mlp.w3.bias"]
+    state["final_layer.linear.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError) as info:
+        load_lightningdit_checkpoint(state, tiny_lightningdit())
+    msg = str(info.value)
+    assert "missing keys (1): ['blocks.1.mlp.w3.bias']" in msg
+    assert "final_layer.linear.weight: checkpoint (3, 3)" in msg
+    with pytest.raises(ValueError, match="path_or_state_dict"):
+        load_checkpoint("/nonexistent/ckpt.pt", tiny_lightningdit())
+    with pytest.raises(ValueError, match="path_or_state_dict"):
+        load_checkpoint(42, tiny_lightningdit())
+
+
+def test_load_dit_checkpoint_official_keys():
+    model = tiny_dit(learn_sigma=True)
+    state = official_layout_state_dict(model)
+    assert set(state) == official_dit_keys(2)
+    loaded = load_dit_checkpoint(state, tiny_dit(learn_sigma=True))
+    assert torch.equal(loaded.blocks[1].mlp.fc2.weight, state["blocks.1.mlp.fc2.weight"])
+
+
+def test_load_checkpoint_refuses_pickled_objects_unless_trusted(tmp_path):
+    import argparse
+
+    state = official_layout_state_dict(tiny_dit())
+    path = tmp_path / "with_args.pt"
+    torch.save({"model": state, "args": argparse.Namespace(lr=1e-4)}, path)
+    with pytest.raises(ValueError, match="trust_pickle"):
+        load_dit_checkpoint(path, tiny_dit())
+    loaded = load_dit_checkpoint(path, tiny_dit(), trust_pickle=True)
+    assert torch.equal(loaded.pos_embed, state["pos_embed"])

@@ -1,11 +1,19 @@
 """Reference diffusion transformers in plain PyTorch (no JVP code), with the official parameter names.
 
 - :class:`LightningDiT` / :func:`LightningDiT_XL_1` (hustvl/LightningDiT): the FACM teacher and student.
+- :class:`DiT` / :func:`DiT_XL_2` (facebookresearch/DiT).
+- :func:`load_lightningdit_checkpoint`, :func:`load_dit_checkpoint`, :func:`load_checkpoint`: official files.
+
+The plain models are the references the fused JVP is tested against. ``torch.func.jvp`` through them needs the
+math SDPA backend on CPU (``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``): the CPU flash kernel has no
+forward-AD formula.
 """
 
 from __future__ import annotations
 
 from ._layers import RMSNorm, modulate
+from .checkpoints import load_checkpoint, load_dit_checkpoint, load_lightningdit_checkpoint
+from .dit import DiT, DiT_B_2, DiT_XL_2, DiTBlock
 from .lightningdit import (
     LightningDiT,
     LightningDiT_B_1,
@@ -18,6 +26,10 @@ from .lightningdit import (
 )
 
 __all__ = [
+    "DiT",
+    "DiTBlock",
+    "DiT_B_2",
+    "DiT_XL_2",
     "LightningDiT",
     "LightningDiTBlock",
     "LightningDiT_B_1",
@@ -26,6 +38,9 @@ __all__ = [
     "RMSNorm",
     "SwiGLUFFN",
     "VisionRotaryEmbedding2D",
+    "load_checkpoint",
+    "load_dit_checkpoint",
+    "load_lightningdit_checkpoint",
     "modulate",
     "rope_2d_tables",
 ]
