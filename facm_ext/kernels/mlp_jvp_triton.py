@@ -1,0 +1,212 @@
+"""Triton dual GEMM: the primal and tangent rows of a linear layer in one kernel, with an optional activation JVP
+in the epilogue. Used by :func:`facm_ext.ops.linear_jvp` (no activation) and :func:`facm_ext.ops.mlp_jvp` (the
+up-projection with GELU-tanh or SwiGLU fused, then the down-projection without activation).
+
+Each program owns one [BLOCK_M, BLOCK_N] output tile for BOTH the primal rows x and the tangent rows x': it loads
+every W tile once and feeds it to two fp32 accumulators (four for SwiGLU, whose program also owns the matching
+columns of the gate half b of the fused weight). Mathematically this is one GEMM over the stacked rows [x; x'].
+The epilogue therefore holds the pre-activation h and its tangent h' together and writes act(h) and act'(h) h'
+directly; the pre-activation never makes a round trip through memory (it is written only when the primal backward
+needs it, exactly what a plain forward's autograd would save).
+
+Epilogue math (fp32; jvp_math.md):
+- gelu_tanh: u = k (h + c h^3), t = tanh u; act = 0.5 h (1 + t); act' = 0.5 (1 + t) + 0.5 h (1 - t^2) k (1 + 3 c h^2)
+- swiglu (h = [a | b] split in halves of the fused weight's rows): s = sigmoid(a);
+  act = a s b; tangent = s (1 + a (1 - s)) a' b + a s b'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATIONS = {"none": 0, "gelu_tanh": 1, "swiglu": 2}
+
+# GELU-tanh constants, sqrt(2 / pi) and 0.044715, as constexpr globals so the JIT can read them.
+_GELU_K = tl.constexpr(0.7978845608028654)
+_GELU_C = tl.constexpr(0.044715)
+
+
+def _configs(four_accumulators: bool) -> list:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        # The interpreter runs every program in Python: one small config, no tuning.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    if four_accumulators:
+        # Four fp32 accumulators per program: keep BLOCK_M * BLOCK_N * 4 / threads <= 128 registers.
+        shapes = [(128, 64, 64, 3, 8), (128, 64, 64, 4, 8), (64, 128, 64, 3, 8), (64, 128, 64, 4, 8),
+                  (64, 64, 64, 4, 4), (128, 64, 32, 5, 8)]
+    else:
+        shapes = [(128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (64, 256, 64, 3, 8), (64, 256, 64, 4, 8),
+                  (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 5, 8)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages,
+                          num_warps=warps) for bm, bn, bk, stages, warps in shapes]
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (exp(2x) + 1): saturates to +-1 without NaN for large |x|
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _dual_gemm_kernel(
+    x_ptr, tx_ptr, w_ptr, bias_ptr, out_ptr, tout_ptr, pre_ptr,
+    M, N, K, GATE_OFFSET,
+    stride_xm, stride_xk, stride_txm, stride_txk, stride_wn, stride_wk,
+    stride_om, stride_on, stride_tom, stride_ton, stride_pm, stride_pn,
+    ACTIVATION: tl.constexpr, HAS_TANGENT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr,
+    EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row tiles sweep the columns together so their W tiles stay in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Wrapped row/column indices keep every load in bounds without masks; the stores below are masked.
+    rows = (offs_m % M).to(tl.int64)
+    cols = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    tx_ptrs = tx_ptr + rows[:, None] * stride_txm + offs_k[None, :] * stride_txk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn
+    g_ptrs = w_ptrs + GATE_OFFSET * stride_wn  # SwiGLU: the gate half b of the fused weight
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    tacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    gacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    tgacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            x_tile = tl.load(x_ptrs)
+            w_tile = tl.load(w_ptrs)
+        else:
+            k_mask = offs_k < K - k * BLOCK_K
+            x_tile = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+            w_tile = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+        acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+        if HAS_TANGENT:
+            if EVEN_K:
+                tx_tile = tl.load(tx_ptrs)
+            else:
+                tx_tile = tl.load(tx_ptrs, mask=k_mask[None, :], other=0.0)
+            tacc = tl.dot(tx_tile, w_tile, tacc, input_precision=INPUT_PRECISION)
+        if ACTIVATION == 2:
+            if EVEN_K:
+                g_tile = tl.load(g_ptrs)
+            else:
+                g_tile = tl.load(g_ptrs, mask=k_mask[:, None], other=0.0)
+            gacc = tl.dot(x_tile, g_tile, gacc, input_precision=INPUT_PRECISION)
+            if HAS_TANGENT:
+                tgacc = tl.dot(tx_tile, g_tile, tgacc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        tx_ptrs += BLOCK_K * stride_txk
+        w_ptrs += BLOCK_K * stride_wk
+        g_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        if ACTIVATION == 2:
+            gacc += tl.load(bias_ptr + GATE_OFFSET + cols).to(tl.float32)[None, :]
+
+    out_rows = offs_m.to(tl.int64)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    if STORE_PRE:
+        pre_ptrs = pre_ptr + out_rows[:, None] * stride_pm + offs_n[None, :] * stride_pn
+        tl.store(pre_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
+        if ACTIVATION == 2:
+            tl.store(pre_ptrs + GATE_OFFSET * stride_pn, gacc.to(pre_ptr.dtype.element_ty), mask=mask)
+
+    if ACTIVATION == 1:
+        h2 = acc * acc
+        t = _tanh(_GELU_K * acc * (1.0 + _GELU_C * h2))
+        out = 0.5 * acc * (1.0 + t)
+        tout = (0.5 * (1.0 + t) + 0.5 * acc * (1.0 - t * t) * _GELU_K * (1.0 + 3.0 * _GELU_C * h2)) * tacc
+    elif ACTIVATION == 2:
+        s = 1.0 / (1.0 + tl.exp(-acc))
+        silu = acc * s
+        out = silu * gacc
+        tout = s * (1.0 + acc * (1.0 - s)) * tacc * gacc + silu * tgacc
+    else:
+        out = acc
+        tout = tacc
+
+    out_ptrs = out_ptr + out_rows[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if HAS_TANGENT:
+        tout_ptrs = tout_ptr + out_rows[:, None] * stride_tom + offs_n[None, :] * stride_ton
+        tl.store(tout_ptrs, tout.to(tout_ptr.dtype.element_ty), mask=mask)
+
+
+_KEY = ["M", "N", "K", "ACTIVATION", "HAS_TANGENT", "STORE_PRE"]
+_even_k_kernel = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_dual_gemm_kernel)
+_dual_gemm_2acc = triton.autotune(configs=_configs(False), key=_KEY)(_even_k_kernel)
+_dual_gemm_4acc = triton.autotune(configs=_configs(True), key=_KEY)(_even_k_kernel)
+
+
+def dual_gemm(x: torch.Tensor, tx: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, *,
+              activation: str = "none", store_pre: bool = False):
+    """One stacked GEMM over [x; tx] with the activation's primal and tangent in the epilogue.
+
+    Args:
+        x: [M, K] fp16/bf16 (fp32 allowed: exact fp32 dot, slow; meant for interpreter tests), any strides.
+        tx: [M, K] like x, or None (no tangent rows: a plain GEMM).
+        weight: [N_w, K], x's dtype. For swiglu N_w = 2 H and rows [0, H) give a, rows [H, 2H) give the gate b.
+        bias: [N_w] or None, x's dtype; added to the primal pre-activation only.
+        activation: "none" | "gelu_tanh" | "swiglu".
+        store_pre: also return the primal pre-activation (x W^T + b) for the backward.
+    Returns:
+        (out [M, N], tout [M, N] or None (when tx is None), pre [M, N_w] or None), all x's dtype, contiguous;
+        N = N_w, or H for swiglu.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    M, K = x.shape
+    n_w = weight.shape[0]
+    if activation == "swiglu":
+        if n_w % 2:
+            raise ValueError(f"weight: swiglu needs an even number of rows [2 H, K], got {tuple(weight.shape)}")
+        n_out = n_w // 2
+    else:
+        n_out = n_w
+    out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
+    tout = torch.empty_like(out) if tx is not None else None
+    pre = torch.empty((M, n_w), device=x.device, dtype=x.dtype) if store_pre else None
+    if M == 0 or n_out == 0:
+        return out, tout, pre
+    if K == 0:
+        raise ValueError("x: the reduction dimension K is 0")
+    # Unused pointer slots get a live tensor of the right dtype; the constexpr flags keep them untouched.
+    tx_arg = tx if tx is not None else x
+    tout_arg = tout if tout is not None else out
+    pre_arg = pre if pre is not None else out
+    bias_arg = bias if bias is not None else out
+    kernel = _dual_gemm_4acc if activation == "swiglu" else _dual_gemm_2acc
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
+
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        kernel[grid](
+            x, tx_arg, weight, bias_arg, out, tout_arg, pre_arg,
+            M, n_out, K, n_out if activation == "swiglu" else 0,
+            x.stride(0), x.stride(1), tx_arg.stride(0), tx_arg.stride(1), weight.stride(0), weight.stride(1),
+            out.stride(0), out.stride(1), tout_arg.stride(0), tout_arg.stride(1), pre_arg.stride(0),
+            pre_arg.stride(1),
+            ACTIVATION=ACTIVATIONS[activation], HAS_TANGENT=tx is not None, HAS_BIAS=bias is not None,
+            STORE_PRE=store_pre, INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        )
+    return out, tout, pre
