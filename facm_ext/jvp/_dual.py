@@ -1,0 +1,560 @@
+"""Dual values for the forward-mode transform: a tensor subclass that IS the primal and carries its tangent.
+
+``make_dual(primal, tangent)`` returns ``primal.as_subclass(DualTensor)``: an alias of the primal that keeps its
+autograd identity (gradients through it reach the primal's graph), with the tangent attached as ``_facm_tangent``
+(None means zero). ``DualTensor.__torch_function__`` sends every torch function called on a dual to
+:func:`dispatch`, which either runs a fused rule (facm_ext.jvp._rules) or PyTorch's own forward-mode rule for that
+single op. In both cases:
+
+- the primal output is computed with autograd exactly as the plain function would (same saved tensors), so a
+  backward through the transform's primal output gives the plain forward's gradients;
+- the tangent output is computed under ``torch.no_grad`` and never carries a graph;
+- tangents follow their primal's dtype (under autocast a bf16 primal gets a bf16 tangent).
+
+Tangents of ops that are linear in their tensor inputs (views, reshapes, casts, sums, concatenations, ...) are
+the same op applied to the tangents; a few common nonlinear elementwise ops have closed-form rules here; anything
+else goes through ``torch.func.jvp`` of that one op on plain tensors.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+DisableTorchFunctionSubclass = torch._C.DisableTorchFunctionSubclass
+
+
+class JVPTransformError(RuntimeError):
+    """A construct inside the transformed function that facm_ext.jvp cannot differentiate correctly."""
+
+
+def _is_differentiable_dtype(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+class DualTensor(torch.Tensor):
+    """A primal tensor (an alias of it, same autograd graph) carrying its tangent in ``_facm_tangent``.
+
+    Made only by :func:`make_dual`; reading the pair back is :func:`split_dual`. Attributes (plain Python, not
+    torch functions): ``_facm_tangent`` (Tensor of the primal's shape or None for zero) and ``_facm_shares_memory``
+    (True once a view of it was taken or it is a view of another dual: in-place updates are then refused, because
+    the tangents of the other aliases could not be kept in step).
+    """
+
+    _facm_tangent: Optional[torch.Tensor]
+    _facm_shares_memory: bool
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return dispatch(func, args, kwargs or {})
+
+    def __repr__(self, *, tensor_contents=None):
+        with DisableTorchFunctionSubclass():
+            primal = torch.Tensor.__repr__(self)
+        return f"DualTensor(primal={primal}, tangent={'zero' if self._facm_tangent is None else 'set'})"
+
+
+def make_dual(primal: torch.Tensor, tangent: Optional[torch.Tensor]) -> torch.Tensor:
+    """A dual value: ``primal`` (keeping its autograd graph) carrying ``tangent`` (None = zero).
+
+    primal: any tensor. Non-floating tensors (integer, bool) cannot carry a tangent: they are returned unchanged
+    when ``tangent`` is None, and a non-None tangent raises ValueError. tangent: same shape as primal; it is
+    detached and cast to the primal's dtype (a broadcastable smaller tangent is expanded).
+    """
+    if not isinstance(primal, torch.Tensor):
+        raise ValueError(f"primal: expected a torch.Tensor, got {type(primal).__name__}")
+    with DisableTorchFunctionSubclass():
+        if type(primal) is DualTensor:
+            primal = primal.as_subclass(torch.Tensor)
+        if not _is_differentiable_dtype(primal):
+            if tangent is not None:
+                raise ValueError(f"tangent: a {primal.dtype} primal cannot carry a tangent; pass None")
+            return primal
+        if tangent is not None:
+            if not isinstance(tangent, torch.Tensor):
+                raise ValueError(f"tangent: expected a torch.Tensor or None, got {type(tangent).__name__}")
+            if type(tangent) is DualTensor:
+                tangent = tangent.as_subclass(torch.Tensor)
+            tangent = tangent.detach()
+            if tangent.dtype != primal.dtype:
+                tangent = tangent.to(primal.dtype)
+            if tangent.shape != primal.shape:
+                try:
+                    tangent = tangent.expand(primal.shape)
+                except RuntimeError as exc:
+                    raise ValueError(f"tangent: shape {tuple(tangent.shape)} does not match the primal's shape "
+                                     f"{tuple(primal.shape)}") from exc
+        dual = primal.as_subclass(DualTensor)
+    dual._facm_tangent = tangent
+    dual._facm_shares_memory = False
+    return dual
+
+
+def split_dual(x: Any) -> tuple[Any, Optional[torch.Tensor]]:
+    """``(primal, tangent)`` of a dual value; ``(x, None)`` for anything else (plain tensors, numbers, None).
+
+    The primal is a plain ``torch.Tensor`` with the dual's autograd graph; the tangent is None (zero) or a tensor
+    of the primal's shape without graph.
+    """
+    if type(x) is DualTensor:
+        with DisableTorchFunctionSubclass():
+            return x.as_subclass(torch.Tensor), x._facm_tangent
+    return x, None
+
+
+def tangent_of(x: Any) -> Optional[torch.Tensor]:
+    """The tangent carried by ``x`` (None for zero or for non-dual values)."""
+    return x._facm_tangent if type(x) is DualTensor else None
+
+
+def plain(x: Any) -> Any:
+    """The primal of a dual as a plain tensor (autograd graph kept); anything else unchanged."""
+    if type(x) is DualTensor:
+        with DisableTorchFunctionSubclass():
+            return x.as_subclass(torch.Tensor)
+    return x
+
+
+# ------------------------------------------------------------------------------------------------------ recording
+class JVPReport:
+    """Which functions and modules ran fused and which fell back to PyTorch's per-op forward-mode rules.
+
+    ``fused``: {"what -> op": count}; ``fallback``: {"what": count}; ``reasons``: {"what": {reason, ...}} for
+    fallbacks that a fused rule would have handled (op unavailable, unsupported arguments).
+    ``str(report)`` is a readable table.
+    """
+
+    def __init__(self):
+        self.fused: dict[str, int] = {}
+        self.fallback: dict[str, int] = {}
+        self.reasons: dict[str, set] = {}
+
+    def add_fused(self, what: str) -> None:
+        self.fused[what] = self.fused.get(what, 0) + 1
+
+    def add_fallback(self, what: str, reason: Optional[str] = None) -> None:
+        self.fallback[what] = self.fallback.get(what, 0) + 1
+        if reason:
+            self.reasons.setdefault(what, set()).add(reason)
+
+    def __str__(self) -> str:
+        lines = ["facm_ext.jvp report", "fused:"]
+        lines += [f"  {count:6d}  {what}" for what, count in sorted(self.fused.items(), key=lambda kv: -kv[1])]
+        lines.append("fallback (PyTorch forward-mode rule of the single op):")
+        for what, count in sorted(self.fallback.items(), key=lambda kv: -kv[1]):
+            why = self.reasons.get(what)
+            lines.append(f"  {count:6d}  {what}" + (f"  [{'; '.join(sorted(why))}]" if why else ""))
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+class _State(threading.local):
+    def __init__(self):
+        self.depth = 0  # nesting of active transforms in this thread
+        self.report: Optional[JVPReport] = None
+
+
+STATE = _State()
+
+
+def is_active() -> bool:
+    """True while a facm_ext.jvp transform is running in this thread."""
+    return STATE.depth > 0
+
+
+def record_fused(what: str) -> None:
+    if STATE.report is not None:
+        STATE.report.add_fused(what)
+
+
+def record_fallback(what: str, reason: Optional[str] = None) -> None:
+    if STATE.report is not None:
+        STATE.report.add_fallback(what, reason)
+
+
+def func_name(func) -> str:
+    name = getattr(func, "__name__", None) or repr(func)
+    if name == "__get__":
+        owner = getattr(func, "__self__", None)
+        return f"Tensor.{getattr(owner, '__name__', 'attribute')}"
+    module = getattr(func, "__module__", None) or ""
+    qual = getattr(func, "__qualname__", name)
+    if module.startswith("torch.nn.functional") or module == "torch._C._nn":
+        return f"F.{name}"
+    if qual.startswith("TensorBase.") or qual.startswith("Tensor."):
+        return f"Tensor.{name}"
+    return f"torch.{name}" if module.startswith("torch") else qual
+
+
+# -------------------------------------------------------------------------------------------------- rule tables
+# Fused rules (facm_ext.jvp._rules) register here: func -> rule(args, kwargs) returning the output (duals
+# included) or NotImplemented to fall back.
+FUSED_FUNCTION_RULES: dict[Callable, Callable] = {}
+
+# Functions whose result never carries a tangent (metadata, factories shaped like the input, comparisons, ...).
+_NO_TANGENT_NAMES = {
+    "size", "dim", "numel", "stride", "storage_offset", "is_contiguous", "data_ptr", "element_size", "nelement",
+    "ndimension", "is_floating_point", "is_complex", "get_device", "__len__", "__bool__", "__int__", "__float__",
+    "__index__", "item", "tolist", "numpy", "untyped_storage", "is_set_to", "equal", "allclose", "isclose",
+    "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "zeros_like", "ones_like", "empty_like",
+    "full_like", "rand_like", "randn_like", "randint_like", "detach", "argmax", "argmin", "argsort", "sign",
+    "eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "isnan",
+    "isinf", "isfinite", "logical_not", "logical_and", "logical_or", "__format__", "__repr__", "__str__",
+    "__hash__", "__reduce_ex__", "__deepcopy__", "requires_grad_", "retain_grad", "register_hook", "record_stream",
+    "share_memory_", "is_shared", "is_pinned", "pin_memory", "__dlpack__", "__dlpack_device__",
+    "has_names", "is_inference", "nonzero", "floor", "ceil", "round", "trunc", "bucketize", "searchsorted",
+}
+# View-producing ops linear in the first tensor: the tangent is the same view of the tangent.
+_VIEW_NAMES = {
+    "view", "view_as", "reshape", "reshape_as", "transpose", "swapaxes", "swapdims", "permute", "flatten",
+    "unflatten", "squeeze", "unsqueeze", "expand", "expand_as", "t", "narrow", "select", "chunk", "split",
+    "tensor_split", "split_with_sizes", "unbind", "movedim", "moveaxis", "diagonal", "__getitem__", "as_strided",
+    "unfold", "view_as_real", "view_as_complex", "real", "imag", "mT", "T", "H", "mH", "hsplit", "vsplit",
+    "dsplit", "contiguous",
+}
+# Other ops linear in the first tensor argument, with every other argument constant (indices, shapes, dtypes).
+_LINEAR_FIRST_NAMES = _VIEW_NAMES | {
+    "clone", "to", "type", "float", "double", "half", "bfloat16", "type_as", "sum", "mean", "cumsum", "flip", "roll",
+    "repeat", "repeat_interleave", "tile", "index_select", "gather", "take_along_dim", "tril", "triu", "neg",
+    "negative", "__neg__", "positive", "__pos__", "conj", "resolve_conj", "resolve_neg", "trace", "diag",
+    "diag_embed", "nansum", "fliplr", "flipud", "rot90",
+    "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "broadcast_to", "ravel", "squeeze_", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+}
+# Ops linear in ALL their tensor arguments jointly (sum of the op applied to each tangent with the others zero).
+_JOINTLY_LINEAR_NAMES = {"cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack"}
+# Ops multilinear in their tensor arguments: tangent = sum over dual args of op(..., tangent_i, ...).
+_MULTILINEAR_NAMES = {"mul", "__mul__", "__rmul__", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "einsum",
+                      "outer", "dot", "mv", "kron", "baddbmm_noinput", "multiply", "inner", "tensordot"}
+# Elementwise unary ops with a closed-form derivative: name -> derivative(x_plain, out_plain).
+_UNARY_DERIVATIVES: dict[str, Callable] = {
+    "exp": lambda x, y: y,
+    "sin": lambda x, y: torch.cos(x),
+    "cos": lambda x, y: -torch.sin(x),
+    "tanh": lambda x, y: 1 - y * y,
+    "sigmoid": lambda x, y: y * (1 - y),
+    "rsqrt": lambda x, y: -0.5 * y * y * y,
+    "sqrt": lambda x, y: 0.5 / y,
+    "log": lambda x, y: 1 / x,
+    "square": lambda x, y: 2 * x,
+    "reciprocal": lambda x, y: -y * y,
+    "relu": lambda x, y: (x > 0).to(x.dtype),
+}
+
+
+def _name(func) -> str:
+    return getattr(func, "__name__", "")
+
+
+def _is_inplace(func, kwargs) -> bool:
+    name = _name(func)
+    if "out" in kwargs and kwargs["out"] is not None:
+        return True
+    if name in ("__iadd__", "__isub__", "__imul__", "__itruediv__", "__idiv__", "__ipow__", "__setitem__",
+                "__imatmul__", "__iand__", "__ior__"):
+        return True
+    if kwargs.get("inplace") is True:
+        return True
+    return name.endswith("_") and not name.endswith("__") and name not in _NO_TANGENT_NAMES
+
+
+# ------------------------------------------------------------------------------------------------------ dispatch
+def dispatch(func, args: tuple, kwargs: dict):
+    """The transform's handler for one torch function called with dual arguments."""
+    name = _name(func)
+    if name == "__get__" or name in _NO_TANGENT_NAMES:
+        if name == "__get__" and getattr(getattr(func, "__self__", None), "__name__", "") in _VIEW_NAMES:
+            pass  # .T / .mT / .real / .imag are views: handled below
+        else:
+            with DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+    rule = FUSED_FUNCTION_RULES.get(func)
+    if rule is not None:
+        out = rule(args, kwargs)
+        if out is not NotImplemented:
+            return out
+    return fallback(func, args, kwargs)
+
+
+def _flat_duals(flat: list) -> tuple[list[int], bool]:
+    idx = [i for i, a in enumerate(flat) if type(a) is DualTensor]
+    return idx, any(flat[i]._facm_tangent is not None for i in idx)
+
+
+def fallback(func, args: tuple, kwargs: dict, *, tangent_context: Optional[Callable] = None,
+             what: Optional[str] = None, reason: Optional[str] = None):
+    """Run ``func`` with PyTorch's own forward-mode rule for it: primal with autograd, tangent without graph.
+
+    tangent_context: a context-manager factory entered around the tangent computation (e.g. the math SDPA
+    backend, the only one with a forward-mode rule). what/reason: the report's name for the call and why a fused
+    rule did not take it.
+    """
+    flat, spec = tree_flatten((args, kwargs))
+    dual_idx, any_tangent = _flat_duals(flat)
+    if not any_tangent:
+        with DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+    if _is_inplace(func, kwargs):
+        return _inplace(func, args, kwargs, flat, spec, dual_idx)
+    name = _name(func)
+    if name == "__get__":
+        name = getattr(getattr(func, "__self__", None), "__name__", "")
+    first_dual = type(args[0]) is DualTensor if args else False
+
+    with DisableTorchFunctionSubclass():
+        out = func(*args, **kwargs)
+    out_flat, out_spec = tree_flatten(out)
+    diff_positions = [i for i, o in enumerate(out_flat)
+                      if isinstance(o, torch.Tensor) and _is_differentiable_dtype(o)]
+    if not diff_positions:
+        return out
+
+    tangents_flat: Optional[list] = None
+    with torch.no_grad(), DisableTorchFunctionSubclass():
+        if name in _LINEAR_FIRST_NAMES and first_dual and all(i == 0 or not _carries_tangent(flat[i]) for i in dual_idx):
+            t_self = args[0]._facm_tangent
+            t_out = func(t_self, *args[1:], **kwargs)
+            tangents_flat = tree_flatten(t_out)[0]
+            record_fallback(what or func_name(func), reason)
+        elif name in _ADD_SUB_NAMES:
+            tangents_flat = [_add_sub_tangent(name, args, kwargs)]
+            record_fallback(what or func_name(func), reason)
+        elif name == "masked_fill" and first_dual and not _carries_tangent(args[2] if len(args) > 2 else None):
+            mask = args[1] if len(args) > 1 else kwargs["mask"]
+            tangents_flat = [args[0]._facm_tangent.masked_fill(mask, 0)]
+            record_fallback(what or func_name(func), reason)
+        elif name in _JOINTLY_LINEAR_NAMES or name in _MULTILINEAR_NAMES or name == "where":
+            tangents_flat = _linear_combination_tangent(func, name, flat, spec, dual_idx)
+            record_fallback(what or func_name(func), reason)
+        elif name in ("div", "__truediv__", "true_divide", "divide") and "rounding_mode" not in kwargs:
+            tangents_flat = [_div_tangent(args, out)]
+            record_fallback(what or func_name(func), reason)
+        elif name == "__rtruediv__":
+            # scalar / x: d = -scalar * t / x^2 = -out * t / x
+            x = args[0]
+            tangents_flat = [-(out * x._facm_tangent) / x]
+            record_fallback(what or func_name(func), reason)
+        elif name in ("pow", "__pow__") and first_dual and isinstance(args[1], (int, float)) and len(args) == 2:
+            x, exponent = args
+            tangents_flat = [exponent * x.pow(exponent - 1) * x._facm_tangent]
+            record_fallback(what or func_name(func), reason)
+        elif name in _UNARY_DERIVATIVES and first_dual and len(args) == 1 and not kwargs:
+            x = args[0]
+            tangents_flat = [_UNARY_DERIVATIVES[name](x, out) * x._facm_tangent]
+            record_fallback(what or func_name(func), reason)
+    if tangents_flat is None:
+        tangents_flat = _functorch_tangent(func, flat, spec, dual_idx, out_flat, diff_positions, tangent_context)
+        record_fallback(what or func_name(func), reason)
+
+    result = list(out_flat)
+    is_view = name in _VIEW_NAMES
+    for i in diff_positions:
+        tangent = tangents_flat[i] if i < len(tangents_flat) else None
+        if not isinstance(tangent, torch.Tensor):
+            tangent = None
+        result[i] = make_dual(out_flat[i], tangent)
+        if is_view:
+            result[i]._facm_shares_memory = True
+    if is_view:
+        for i in dual_idx:
+            flat[i]._facm_shares_memory = True
+    return tree_unflatten(result, out_spec)
+
+
+def _carries_tangent(x) -> bool:
+    return type(x) is DualTensor and x._facm_tangent is not None
+
+
+def _zero_tangent_args(flat: list, keep: int) -> list:
+    """flat args with every dual replaced by its primal, except position ``keep`` replaced by its tangent;
+    other duals' tangents are dropped (treated as constants)."""
+    vals = list(flat)
+    for i, a in enumerate(vals):
+        if type(a) is DualTensor:
+            vals[i] = a._facm_tangent if i == keep else a
+    return vals
+
+
+def _linear_combination_tangent(func, name: str, flat: list, spec, dual_idx: list) -> list:
+    """Tangent of an op that is linear (add/sub/cat/where) or multilinear (mul/matmul/einsum) in its tensor args.
+
+    For jointly linear ops, zero tangents are materialized for duals and plain tensors without one; for
+    multilinear ops each dual with a tangent contributes op(..., tangent_i, ...) with the others at their primal.
+    """
+    if name in _JOINTLY_LINEAR_NAMES or name == "where":
+        vals = list(flat)
+        for i, a in enumerate(vals):
+            if isinstance(a, torch.Tensor):
+                if name == "where" and i == 0:
+                    continue  # the condition
+                t = a._facm_tangent if type(a) is DualTensor else None
+                if t is None:
+                    t = torch.zeros((), dtype=a.dtype, device=a.device) if name not in _JOINTLY_LINEAR_NAMES \
+                        else torch.zeros_like(a)
+                vals[i] = t
+            elif isinstance(a, (int, float, complex)) and not isinstance(a, bool) and name == "where":
+                vals[i] = 0  # a scalar branch of where is a constant: its tangent is zero
+        a, k = tree_unflatten(vals, spec)
+        t_out = func(*a, **k)
+        return tree_flatten(t_out)[0]
+    total = None
+    for i in dual_idx:
+        if flat[i]._facm_tangent is None:
+            continue
+        a, k = tree_unflatten(_zero_tangent_args(flat, i), spec)
+        part = func(*a, **k)
+        total = part if total is None else total + part
+    return [total]
+
+
+_ADD_SUB_NAMES = {"add", "__add__", "__radd__", "sub", "__sub__", "__rsub__", "rsub", "subtract"}
+
+
+def _add_sub_tangent(name: str, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """Tangent of a + alpha*b, a - alpha*b and the reflected forms (other - self for __rsub__/rsub).
+
+    Tangents are never written in place by the transform (in-place ops replace a dual's tangent), so returning an
+    input's tangent unchanged, without a copy, is safe.
+    """
+    self_, other = args[0], (args[1] if len(args) > 1 else kwargs.get("other"))
+    alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+    t_self, t_other = tangent_of(self_), tangent_of(other)
+    if name in ("__rsub__", "rsub"):
+        # other - alpha * self
+        first, second, sign = t_other, t_self, -1
+    elif name in ("sub", "__sub__", "subtract"):
+        first, second, sign = t_self, t_other, -1
+    else:
+        first, second, sign = t_self, t_other, 1
+    scale = sign * alpha
+    if second is not None and scale != 1:
+        second = second * scale
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return first + second
+
+
+def _div_tangent(args: tuple, out: torch.Tensor) -> torch.Tensor:
+    a, b = args[0], args[1]
+    ta = tangent_of(a)
+    tb = tangent_of(b)
+    tangent = None
+    if ta is not None:
+        tangent = ta / b
+    if tb is not None:
+        term = out * tb / b
+        tangent = -term if tangent is None else tangent - term
+    return tangent
+
+
+def _functorch_tangent(func, flat: list, spec, dual_idx: list, out_flat: list, diff_positions: list,
+                       tangent_context: Optional[Callable]) -> list:
+    """The tangent of one op by ``torch.func.jvp`` on plain detached tensors (no graph kept)."""
+    live = [i for i in dual_idx if flat[i]._facm_tangent is not None]
+    base = list(flat)
+    for i in dual_idx:
+        base[i] = flat[i].as_subclass(torch.Tensor).detach()
+    primals = tuple(base[i] for i in live)
+    tangents = tuple(flat[i]._facm_tangent.to(base[i].dtype) for i in live)
+
+    def single_op(*values):
+        vals = list(base)
+        for i, v in zip(live, values):
+            vals[i] = v
+        a, k = tree_unflatten(vals, spec)
+        out = func(*a, **k)
+        leaves = tree_flatten(out)[0]
+        return tuple(leaves[i] for i in diff_positions)
+
+    if tangent_context is not None:
+        with tangent_context():
+            _, t_out = torch.func.jvp(single_op, primals, tangents)
+    else:
+        _, t_out = torch.func.jvp(single_op, primals, tangents)
+    result: list = [None] * len(out_flat)
+    for pos, t in zip(diff_positions, t_out):
+        result[pos] = t
+    return result
+
+
+def _inplace(func, args: tuple, kwargs: dict, flat: list, spec, dual_idx: list):
+    """In-place ops and ``out=``: the tangent is computed from the pre-update values with the out-of-place rule,
+    then the primal is updated in place and the target's tangent replaced.
+
+    Refused (JVPTransformError) when the target is not a dual (its new tangent would be lost), when ``out=`` is
+    used, and when the target shares memory with another dual (a view was taken of it, or it is a view): the other
+    aliases' tangents could not be kept in step.
+    """
+    name = _name(func)
+    if "out" in kwargs and kwargs["out"] is not None:
+        raise JVPTransformError(f"facm_ext.jvp: {func_name(func)}(..., out=...) writes into a preallocated tensor, "
+                                "whose tangent cannot be tracked; call the op without out=")
+    target = args[0]
+    if type(target) is not DualTensor:
+        raise JVPTransformError(
+            f"facm_ext.jvp: in-place {func_name(func)} writes a value carrying a tangent into a tensor that has none "
+            f"(shape {tuple(target.shape)}); build the result out of place (torch.cat/stack/where) instead")
+    if target._facm_shares_memory:
+        raise JVPTransformError(
+            f"facm_ext.jvp: in-place {func_name(func)} on a tensor that shares memory with another traced tensor "
+            f"(a view of it was taken, or it is a view); its aliases' tangents cannot be kept in step. Use the "
+            f"out-of-place op (e.g. x = x + y instead of x += y)")
+    with torch.no_grad(), DisableTorchFunctionSubclass():
+        if name == "__setitem__":
+            index, value = args[1], args[2]
+            new_tangent = target._facm_tangent.clone() if target._facm_tangent is not None \
+                else torch.zeros_like(target)
+            value_tangent = tangent_of(value)
+            new_tangent[index] = value_tangent if value_tangent is not None else 0
+        elif name == "copy_":
+            source = args[1]
+            source_tangent = tangent_of(source)
+            new_tangent = None if source_tangent is None else \
+                source_tangent.to(target.dtype).expand(target.shape).clone()
+        elif name in ("zero_",):
+            new_tangent = None
+        else:
+            out_of_place = _out_of_place(func)
+            if out_of_place is None:
+                raise JVPTransformError(f"facm_ext.jvp: no rule for the in-place op {func_name(func)}; use its "
+                                        "out-of-place form")
+            snapshot = list(flat)
+            snapshot[0] = make_dual(target.as_subclass(torch.Tensor).clone(), target._facm_tangent)
+            a, k = tree_unflatten(snapshot, spec)
+            if "inplace" in k:
+                k = dict(k, inplace=False)
+            result = dispatch(out_of_place, a, k)
+            new_tangent = tangent_of(result)
+    with DisableTorchFunctionSubclass():
+        out = func(*args, **kwargs)
+    if new_tangent is not None and new_tangent.dtype != target.dtype:
+        new_tangent = new_tangent.to(target.dtype)
+    if new_tangent is not None and new_tangent.shape != target.shape:
+        new_tangent = new_tangent.expand(target.shape)
+    target._facm_tangent = new_tangent
+    if name == "__setitem__":
+        return None
+    return target if name.startswith("__i") else out
+
+
+def _out_of_place(func) -> Optional[Callable]:
+    name = _name(func)
+    if not name.endswith("_"):
+        return func  # a functional op called with inplace=True: the same op with inplace=False
+    if name.startswith("__i") and name.endswith("__"):
+        candidate = "__" + name[3:]
+    elif name.endswith("_"):
+        candidate = name[:-1]
+    else:
+        return None
+    owner = torch.Tensor if hasattr(torch.Tensor, candidate) else None
+    if owner is not None:
+        return getattr(owner, candidate)
+    functional = getattr(torch.nn.functional, candidate, None)
+    return functional

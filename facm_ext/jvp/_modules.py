@@ -1,0 +1,366 @@
+"""Module-level interception: user rules, recognized module patterns (MLPs, RMSNorm-like classes) and the
+module-call handlers the chain runtime registers.
+
+While a transform is active in a thread, ``torch.nn.Module.__call__`` is patched (installed on the first active
+transform, restored when the last one exits, even on exceptions; other threads see the original behaviour). A
+module call then goes, in order, to:
+
+1. the first registered module-call handler whose predicate accepts the module:
+   ``handler(module, args, kwargs, run_module)``, with ``run_module(module, args, kwargs)`` running the module's
+   own forward under the transform without its hooks (the chain runtime's FSDP2 handler);
+2. when an argument carries a tangent: a rule registered for the module's type (or a base class) with
+   :func:`register_jvp_rule`, ``rule(module, args, kwargs) -> output`` (args may be duals);
+3. when an argument carries a tangent and neither the module nor its children have hooks: a built-in pattern:
+   - Linear -> GELU(tanh) -> Linear and Linear -> chunk -> silu(a) * b -> Linear MLPs -> ``mlp_jvp``
+     (``nn.Sequential`` of exactly those layers, or a module whose only children are two ``nn.Linear`` (plus
+     Identity/Dropout(p=0)/activation modules), verified once per instance by comparing its forward with the
+     pattern's formula on a fixed probe input);
+   - RMSNorm-like modules (one 1-D ``weight`` parameter, an ``eps`` attribute, no children or buffers), verified
+     the same way, including the dtype its output takes -> ``rms_norm_jvp``;
+4. otherwise the module's normal ``__call__`` (hooks included); its functions are still intercepted.
+nn.Linear, nn.LayerNorm and nn.RMSNorm need no module rule: their F.linear / F.layer_norm / F.rms_norm calls are
+fused at function level, so their hooks keep working.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ._dual import STATE, DualTensor, make_dual, record_fallback, record_fused, split_dual
+from ._rules import autocast_lower_precision, call_op
+
+# ------------------------------------------------------------------------------------------------- registries
+_USER_RULES: dict[type, Callable] = {}
+_RULE_BY_TYPE: dict[type, Optional[Callable]] = {}  # cache: exact type -> user rule found along the MRO
+_HANDLERS: list[tuple[Callable, Callable]] = []
+_registry_lock = threading.Lock()
+
+
+def register_jvp_rule(module_type: type, rule: Callable) -> None:
+    """Use ``rule(module, args, kwargs) -> output`` for every call of a module of ``module_type`` (or a subclass)
+    whose arguments carry a tangent while a transform is active.
+
+    The rule receives dual arguments (see make_dual / split_dual) and must return the module's output with duals
+    where the output has a tangent, e.g. ``make_dual(*facm_ext.ops.rms_norm_jvp(x, tx, module.weight))``.
+    Registering None removes the rule.
+    """
+    if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
+        raise ValueError(f"module_type: expected a subclass of torch.nn.Module, got {module_type!r}")
+    if rule is not None and not callable(rule):
+        raise ValueError(f"rule: expected a callable rule(module, args, kwargs) or None, got {type(rule).__name__}")
+    with _registry_lock:
+        if rule is None:
+            _USER_RULES.pop(module_type, None)
+        else:
+            _USER_RULES[module_type] = rule
+        _RULE_BY_TYPE.clear()
+
+
+def register_module_call_handler(predicate: Callable[[nn.Module], bool], handler: Callable) -> Callable[[], None]:
+    """While a transform is active, send calls of modules with ``predicate(module) == True`` to
+    ``handler(module, args, kwargs, run_module)``; ``run_module(module, args, kwargs)`` runs the module's own
+    forward under the transform without its hooks. Handlers are tried in registration order, before rules.
+    Returns a function that unregisters the handler.
+    """
+    if not callable(predicate):
+        raise ValueError(f"predicate: expected a callable, got {type(predicate).__name__}")
+    if not callable(handler):
+        raise ValueError(f"handler: expected a callable, got {type(handler).__name__}")
+    entry = (predicate, handler)
+    with _registry_lock:
+        _HANDLERS.append(entry)
+
+    def unregister() -> None:
+        with _registry_lock:
+            if entry in _HANDLERS:
+                _HANDLERS.remove(entry)
+
+    return unregister
+
+
+def run_module(module: nn.Module, args: tuple, kwargs: dict):
+    """The module's own forward under the active transform, without its forward hooks or pre-hooks."""
+    return module.forward(*args, **(kwargs or {}))
+
+
+def _user_rule(module_type: type) -> Optional[Callable]:
+    try:
+        return _RULE_BY_TYPE[module_type]
+    except KeyError:
+        pass
+    rule = None
+    if _USER_RULES:
+        for base in module_type.__mro__:
+            if base in _USER_RULES:
+                rule = _USER_RULES[base]
+                break
+    _RULE_BY_TYPE[module_type] = rule
+    return rule
+
+
+# --------------------------------------------------------------------------------------------- patched __call__
+_install_lock = threading.Lock()
+_install_count = 0
+_saved_call: Optional[Callable] = None
+
+
+def _patched_call(self, *args, **kwargs):
+    if STATE.depth == 0:
+        return _saved_call(self, *args, **kwargs)
+    return intercept_module_call(self, args, kwargs)
+
+
+def install() -> None:
+    """Patch nn.Module.__call__ (reference counted; see uninstall)."""
+    global _install_count, _saved_call
+    with _install_lock:
+        if _install_count == 0:
+            _saved_call = nn.Module.__call__
+            nn.Module.__call__ = _patched_call
+        _install_count += 1
+
+
+def uninstall() -> None:
+    global _install_count
+    with _install_lock:
+        _install_count -= 1
+        if _install_count == 0:
+            if nn.Module.__dict__.get("__call__") is _patched_call:
+                nn.Module.__call__ = _saved_call
+
+
+def _carries_tangent(value) -> bool:
+    return type(value) is DualTensor and value._facm_tangent is not None
+
+
+def _any_tangent(args: tuple, kwargs: dict) -> bool:
+    for value in (*args, *kwargs.values()):
+        if _carries_tangent(value):
+            return True
+        if isinstance(value, (tuple, list)) and any(_carries_tangent(v) for v in value):
+            return True
+    return False
+
+
+def intercept_module_call(module: nn.Module, args: tuple, kwargs: dict):
+    for predicate, handler in _HANDLERS:
+        if predicate(module):
+            return handler(module, args, kwargs, run_module)
+    if not _any_tangent(args, kwargs):
+        return _saved_call(module, *args, **kwargs)
+    rule = _user_rule(type(module))
+    if rule is not None:
+        record_fused(f"{type(module).__name__} -> registered rule")
+        return rule(module, args, kwargs)
+    pattern = _pattern_for(module)
+    if pattern is not None and not _has_hooks(module):
+        out = pattern(module, args, kwargs)
+        if out is not NotImplemented:
+            return out
+    return _saved_call(module, *args, **kwargs)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    from torch.nn.modules import module as module_mod
+
+    if (module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks
+            or module_mod._global_backward_hooks or module_mod._global_backward_pre_hooks):
+        return True
+    for m in module.modules():
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return True
+    return False
+
+
+# -------------------------------------------------------------------------------------------------- patterns
+_PATTERN_CACHE: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+_NOT_A_PATTERN = object()
+
+
+def _pattern_for(module: nn.Module) -> Optional[Callable]:
+    try:
+        cached = _PATTERN_CACHE[module]
+    except KeyError:
+        cached = _recognize(module)
+        _PATTERN_CACHE[module] = cached
+    return None if cached is _NOT_A_PATTERN else cached
+
+
+def _is_noop(m: nn.Module) -> bool:
+    return type(m) is nn.Identity or (isinstance(m, nn.Dropout) and m.p == 0.0)
+
+
+def _plain_params(module: nn.Module) -> bool:
+    """True when every parameter is an ordinary tensor (not a sharded DTensor or a meta tensor)."""
+    return all(type(p) in (nn.Parameter, torch.Tensor) and not p.is_meta for p in module.parameters())
+
+
+def _probe_input(rows: int, features: int, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """A fixed, RNG-free probe input [rows, features] with nonzero mean (tells RMSNorm from LayerNorm)."""
+    idx = torch.arange(rows * features, dtype=torch.float32, device=like.device)
+    x = torch.sin(idx * 0.7311 + 0.3) * 1.7 + 0.4 * torch.cos(idx * 0.177)
+    return x.reshape(rows, features).to(dtype or like.dtype)
+
+
+def _close(out, ref: torch.Tensor) -> bool:
+    if not isinstance(out, torch.Tensor) or type(out) is DualTensor or out.shape != ref.shape:
+        return False
+    tol = 1e-4 if ref.dtype in (torch.float32, torch.float64) else 2e-2
+    diff = (out.double() - ref.double()).norm().item()
+    return diff <= tol * max(ref.double().norm().item(), 1e-12)
+
+
+def _run_plain(module: nn.Module, x: torch.Tensor):
+    """The module's forward on a plain probe input, with the transform inactive, no grad and no autocast."""
+    depth, STATE.depth = STATE.depth, 0
+    try:
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            return module.forward(x)
+    finally:
+        STATE.depth = depth
+
+
+def _mlp_reference(x, w1, b1, w2, b2, activation: str) -> torch.Tensor:
+    h = nn.functional.linear(x, w1, b1)
+    if activation == "gelu_tanh":
+        h = nn.functional.gelu(h, approximate="tanh")
+    else:
+        a, b = h.chunk(2, dim=-1)
+        h = nn.functional.silu(a) * b
+    return nn.functional.linear(h, w2, b2)
+
+
+def _mlp_layers(module: nn.Module):
+    """(first Linear, second Linear, activation, needs_probe) when the module is structurally an MLP candidate."""
+    if isinstance(module, nn.Sequential):
+        layers = [m for m in module if not _is_noop(m)]
+        if (len(layers) == 3 and type(layers[0]) is nn.Linear and type(layers[2]) is nn.Linear
+                and type(layers[1]) is nn.GELU and layers[1].approximate == "tanh"
+                and layers[0].out_features == layers[2].in_features):
+            return layers[0], layers[2], "gelu_tanh", False
+        return None
+    if module._parameters or module._buffers:
+        return None
+    linears, others = [], []
+    for child in module.children():
+        (linears if type(child) is nn.Linear else others).append(child)
+    if len(linears) != 2:
+        return None
+    for other in others:
+        if not (_is_noop(other) or type(other) in (nn.GELU, nn.SiLU)):
+            return None
+    gelus = [o for o in others if type(o) is nn.GELU]
+    for first, second in ((linears[0], linears[1]), (linears[1], linears[0])):
+        if first.in_features != second.out_features:
+            continue
+        if first.out_features == second.in_features and len(gelus) == 1 and gelus[0].approximate == "tanh":
+            return first, second, "gelu_tanh", True
+        if first.out_features == 2 * second.in_features and not gelus:
+            return first, second, "swiglu", True
+    return None
+
+
+def _recognize(module: nn.Module):
+    if not _plain_params(module):
+        return _NOT_A_PATTERN
+    layers = _mlp_layers(module)
+    if layers is not None:
+        first, second, activation, needs_probe = layers
+        if needs_probe:
+            x = _probe_input(3, first.in_features, first.weight)
+            ref = _mlp_reference(x, first.weight, first.bias, second.weight, second.bias, activation)
+            if not _close(_run_plain(module, x), ref):
+                return _NOT_A_PATTERN
+        return _make_mlp_rule(first, second, activation)
+    rms = _rms_norm_like(module)
+    if rms is not None:
+        return rms
+    return _NOT_A_PATTERN
+
+
+def _make_mlp_rule(first: nn.Linear, second: nn.Linear, activation: str):
+    first_ref, second_ref = weakref.ref(first), weakref.ref(second)
+
+    def mlp_rule(module, args, kwargs):
+        if kwargs or len(args) != 1:
+            return NotImplemented
+        fc1, fc2 = first_ref(), second_ref()
+        x_p, x_t = split_dual(args[0])
+        if x_t is None or fc1 is None or fc2 is None:
+            return NotImplemented
+        w1, b1, w2, b2 = fc1.weight, fc1.bias, fc2.weight, fc2.bias
+        if torch.is_autocast_enabled(x_p.device.type):
+            x_p, x_t, w1, b1, w2, b2 = autocast_lower_precision(x_p.device.type, x_p, x_t, w1, b1, w2, b2)
+        elif x_p.dtype != w1.dtype:
+            return NotImplemented  # the plain module raises its own dtype error
+        what = f"{type(module).__name__} (MLP {activation})"
+        result, why = call_op("mlp_jvp", what, x_p, x_t, w1, b1, w2, b2, activation=activation)
+        if result is None:
+            record_fallback(what, why)
+            return NotImplemented
+        return make_dual(*result)
+
+    return mlp_rule
+
+
+def _rms_norm_like(module: nn.Module):
+    """An rms_norm_jvp rule for a verified RMSNorm-like module, or None."""
+    if any(True for _ in module.children()) or module._buffers:
+        return None
+    params = dict(module.named_parameters(recurse=False))
+    weight = params.get("weight")
+    if len(params) != 1 or weight is None or weight.dim() != 1:
+        return None
+    eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+    if not isinstance(eps, float):
+        return None
+    features = weight.shape[0]
+    x = _probe_input(4, features, weight)
+    wide = x.double()
+    ref = (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps) * weight.double()).to(weight.dtype)
+    if not _close(_run_plain(module, x), ref):
+        return None
+    # The output dtype rule: probe with an input of another dtype.
+    other = torch.bfloat16 if weight.dtype != torch.bfloat16 else torch.float32
+    out_other = _run_plain(module, _probe_input(4, features, weight, dtype=other))
+    if not isinstance(out_other, torch.Tensor):
+        return None
+    if out_other.dtype == other:
+        policy = "input"
+    elif out_other.dtype == torch.promote_types(other, weight.dtype):
+        policy = "promote"
+    elif out_other.dtype == weight.dtype:
+        policy = "weight"
+    else:
+        return None
+    weight_ref = weakref.ref(module)
+
+    def rms_norm_rule(mod, args, kwargs):
+        if kwargs or len(args) != 1 or weight_ref() is not mod:
+            return NotImplemented
+        x_p, x_t = split_dual(args[0])
+        if x_t is None or x_p.shape[-1] != features:
+            return NotImplemented
+        w = mod.weight
+        out_dtype = {"input": x_p.dtype, "promote": torch.promote_types(x_p.dtype, w.dtype),
+                     "weight": w.dtype}[policy]
+        x_c = x_p if x_p.dtype == out_dtype else x_p.to(out_dtype)
+        t_c = x_t if x_t.dtype == out_dtype else x_t.to(out_dtype)
+        w_c = w if w.dtype == out_dtype else w.to(out_dtype)
+        what = f"{type(mod).__name__} (RMSNorm-like)"
+        result, why = call_op("rms_norm_jvp", what, x_c, t_c, w_c, eps=mod.eps if hasattr(mod, "eps") else eps)
+        if result is None:
+            record_fallback(what, why)
+            return NotImplemented
+        return make_dual(*result)
+
+    return rms_norm_rule
+
+
+__all__ = ["install", "intercept_module_call", "register_jvp_rule", "register_module_call_handler",
+           "run_module", "uninstall"]
