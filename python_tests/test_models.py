@@ -15,10 +15,15 @@ from facm_ext.models import (
     LightningDiT,
     LightningDiT_XL_1,
     RMSNorm,
+    Wan22_A14B_config,
+    WanBlock,
+    WanModel,
     load_checkpoint,
     load_dit_checkpoint,
     load_lightningdit_checkpoint,
     rope_2d_tables,
+    wan_rope_tables,
+    wan_small,
 )
 
 
@@ -359,3 +364,207 @@ def test_load_checkpoint_refuses_pickled_objects_unless_trusted(tmp_path):
         load_dit_checkpoint(path, tiny_dit())
     loaded = load_dit_checkpoint(path, tiny_dit(), trust_pickle=True)
     assert torch.equal(loaded.pos_embed, state["pos_embed"])
+
+
+# --------------------------------------------------------------------------------------------- Wan 2.2
+
+
+def official_wan_block_keys(cross_attn_norm: bool = True) -> set[str]:
+    """State-dict keys of one Wan-Video/Wan2.2 WanAttentionBlock (qk_norm on), written out by hand."""
+    keys = {"modulation", "ffn.0.weight", "ffn.0.bias", "ffn.2.weight", "ffn.2.bias"}
+    for attn in ("self_attn", "cross_attn"):
+        for lin in "qkvo":
+            keys |= {f"{attn}.{lin}.weight", f"{attn}.{lin}.bias"}
+        keys |= {f"{attn}.norm_q.weight", f"{attn}.norm_k.weight"}
+    if cross_attn_norm:
+        keys |= {"norm3.weight", "norm3.bias"}
+    return keys
+
+
+def official_wan_model_keys(num_layers: int) -> set[str]:
+    keys = {
+        "patch_embedding.weight", "patch_embedding.bias",
+        "text_embedding.0.weight", "text_embedding.0.bias", "text_embedding.2.weight", "text_embedding.2.bias",
+        "time_embedding.0.weight", "time_embedding.0.bias", "time_embedding.2.weight", "time_embedding.2.bias",
+        "time_projection.1.weight", "time_projection.1.bias",
+        "head.head.weight", "head.head.bias", "head.modulation",
+    }
+    for i in range(num_layers):
+        keys |= {f"blocks.{i}.{k}" for k in official_wan_block_keys()}
+    return keys
+
+
+def wan_inputs(model: WanModel, batch: int = 2, frames: int = 3, height: int = 4, width: int = 6, dtype=torch.float32):
+    x = torch.randn(batch, model.in_dim, frames, height, width, dtype=dtype)
+    t = torch.rand(batch, dtype=dtype) * 1000
+    context = torch.randn(batch, model.text_len, model.text_dim, dtype=dtype)
+    return x, t, context
+
+
+def test_wan_a14b_shapes_and_param_count():
+    with torch.device("meta"):
+        block = WanBlock(5120, 13824, 40)
+        model = WanModel(**Wan22_A14B_config)
+    assert count_params(block) == 351_394_304  # ~351M per block
+    assert count_params(model) == 14_288_491_584  # ~14B per expert
+    assert len(model.blocks) == 40 and model.head_dim == 128
+    assert tuple(model.blocks[0].modulation.shape) == (1, 6, 5120)
+    assert tuple(model.blocks[0].self_attn.norm_q.weight.shape) == (5120,)  # RMSNorm over all channels
+    assert isinstance(model.blocks[0].self_attn.norm_q, RMSNorm)
+    assert model.blocks[0].norm1.elementwise_affine is False and model.blocks[0].norm3.elementwise_affine is True
+
+
+def test_wan_state_dict_keys_are_official():
+    model = wan_small()
+    assert set(model.state_dict()) == official_wan_model_keys(2)
+    assert set(WanBlock(64, 128, 2, cross_attn_norm=False).state_dict()) == official_wan_block_keys(False)
+
+
+def test_wan_forward_shape_and_zero_output_layer():
+    model = wan_small()
+    x, t, context = wan_inputs(model)
+    out = model(x, t, context)
+    assert out.shape == x.shape
+    # The official init zeroes the output Linear weight (bias too): a fresh model predicts exactly zero.
+    assert torch.count_nonzero(out) == 0
+    randomize_(model)
+    assert model(x, t, context).abs().sum() > 0
+
+
+def official_style_rope(x: torch.Tensor, grid, theta: float = 10000.0) -> torch.Tensor:
+    """Wan's rope_apply, written independently: complex multiplication of channel pairs, per-axis frequency
+    tables of dims d - 4*(d//6), 2*(d//6), 2*(d//6) concatenated. x [L, H, D] -> [L, H, D]."""
+    d = x.shape[-1]
+    dims = [d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)]
+    tables = []
+    for axis_dim in dims:
+        freqs = 1.0 / theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)
+        tables.append(torch.polar(torch.ones(1024, freqs.numel(), dtype=torch.float64),
+                                  torch.outer(torch.arange(1024, dtype=torch.float64), freqs)))
+    f, h, w = grid
+    freqs_i = torch.cat(
+        [
+            tables[0][:f].view(f, 1, 1, -1).expand(f, h, w, -1),
+            tables[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
+            tables[2][:w].view(1, 1, w, -1).expand(f, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(f * h * w, 1, -1)
+    x_c = torch.view_as_complex(x.to(torch.float64).reshape(f * h * w, x.shape[1], -1, 2))
+    return torch.view_as_real(x_c * freqs_i).flatten(2)
+
+
+@pytest.mark.parametrize("head_dim", [128, 32, 24])
+def test_wan_rope_tables_match_official_complex_rope(head_dim):
+    from facm_ext.models import InterleavedRoPE
+
+    grid = (3, 4, 5)
+    tokens = 60
+    cos, sin = wan_rope_tables(head_dim, grid)
+    assert cos.shape == (tokens, head_dim)
+    x = torch.randn(tokens, 2, head_dim, dtype=torch.float64)
+    ours = InterleavedRoPE()(x.transpose(0, 1), cos.double(), sin.double()).transpose(0, 1)
+    ref = official_style_rope(x, grid)
+    # Tables are stored in float32, so agreement is to float32 rounding of cos/sin.
+    assert (ours - ref).abs().max() < 1e-6
+    # Pair split for head_dim 128 is 22/21/21 (frames/height/width).
+    if head_dim == 128:
+        _, sin_t = wan_rope_tables(128, (2, 1, 1))
+        assert torch.all(sin_t[1, :44] != 0) and torch.all(sin_t[1, 44:] == 0)
+
+
+def test_wan_rope_tables_padding_is_identity():
+    cos, sin = wan_rope_tables(32, (2, 2, 2), seq_len=11)
+    assert cos.shape == (11, 32)
+    assert torch.all(cos[8:] == 1) and torch.all(sin[8:] == 0)
+    with pytest.raises(ValueError, match="seq_len"):
+        wan_rope_tables(32, (2, 2, 2), seq_len=7)
+
+
+def test_wan_block_padded_keys_are_irrelevant():
+    model = randomize_(wan_small())
+    block = model.blocks[0]
+    batch, length, valid = 2, 20, torch.tensor([13, 20])
+    x = torch.randn(batch, length, 64)
+    e = torch.randn(batch, length, 6, 64)
+    context = torch.randn(batch, 8, 64)
+    cos, sin = wan_rope_tables(32, (1, 3, 4), seq_len=length)
+    out = block(x, e, valid, cos, sin, context)
+    x2 = x.clone()
+    x2[0, 13:] = torch.randn(7, 64) * 10  # change only sample 0's padded tokens
+    out2 = block(x2, e, valid, cos, sin, context)
+    assert torch.allclose(out2[0, :13], out[0, :13], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out2[1], out[1])
+    assert not torch.allclose(out2[0, 13:], out[0, 13:])
+    # Without key lengths the padded tokens do leak into the valid ones (the test above can fail).
+    leaky = block(x2, e, None, cos, sin, context)
+    assert not torch.allclose(leaky[0, :13], block(x, e, None, cos, sin, context)[0, :13], rtol=1e-5, atol=1e-5)
+
+
+def test_wan_seq_len_padding_matches_unpadded():
+    model = randomize_(wan_small())
+    x, t, context = wan_inputs(model)  # 3 * 2 * 3 = 18 tokens
+    out = model(x, t, context)
+    padded = model(x, t, context, seq_len=25)
+    assert torch.allclose(padded, out, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="seq_len"):
+        model(x, t, context, seq_len=10)
+
+
+def test_wan_per_token_timesteps():
+    model = randomize_(wan_small())
+    x, t, context = wan_inputs(model)
+    per_token = t[:, None].expand(2, 18).contiguous()
+    assert torch.allclose(model(x, per_token, context), model(x, t, context), rtol=1e-6, atol=1e-6)
+    # A different time on the first frame's tokens (Wan 2.2 TI2V style) changes the output.
+    per_token[:, :6] = 0.0
+    assert not torch.allclose(model(x, per_token, context), model(x, t, context))
+    with pytest.raises(ValueError, match="t"):
+        model(x, torch.rand(2, 5), context)
+
+
+def test_wan_block_modulation_views_and_fp32_residual():
+    model = wan_small()
+    _, e, kwargs = model.prepare(*wan_inputs(model))
+    assert kwargs["e"].dtype == torch.float32 and tuple(kwargs["e"].shape) == (2, 18, 6, 64)
+    chunk = (model.blocks[0].modulation.unsqueeze(0) + kwargs["e"]).chunk(6, dim=2)[1].squeeze(2)
+    assert chunk.shape == (2, 18, 64) and chunk.stride(1) == 6 * 64 and not chunk.is_contiguous()
+    # bf16 weights run without autocast; the residual stream and the output stay float32.
+    model_bf16 = randomize_(wan_small()).to(torch.bfloat16)
+    tokens, e, kwargs = model_bf16.prepare(*wan_inputs(model_bf16))
+    assert tokens.dtype == torch.float32 and kwargs["e"].dtype == torch.float32
+    out = model_bf16.blocks[0](tokens, **kwargs)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_wan_torch_func_jvp_matches_finite_differences():
+    model = randomize_(wan_small()).double()
+    x, t, context = wan_inputs(model, dtype=torch.float64)
+    tx, tt = torch.randn_like(x), torch.ones_like(t)
+
+    def f(x_, t_):
+        return model(x_, t_, context, seq_len=21)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        _, tangent = torch.func.jvp(f, (x, t), (tx, tt))
+    eps = 1e-6
+    fd = (f(x + eps * tx, t + eps * tt) - f(x - eps * tx, t - eps * tt)) / (2 * eps)
+    assert (fd - tangent).norm() / tangent.norm() < 1e-7
+
+
+def test_wan_block_compiles_fullgraph():
+    model = randomize_(wan_small())
+    block = model.blocks[1]
+    x = torch.randn(2, 20, 64)
+    e = torch.randn(2, 20, 6, 64)
+    cos, sin = wan_rope_tables(32, (1, 3, 4), seq_len=20)
+    context, lens = torch.randn(2, 8, 64), torch.tensor([12, 20])
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    assert torch.allclose(compiled(x, e, lens, cos, sin, context), block(x, e, lens, cos, sin, context), atol=1e-6)
+
+
+def test_load_wan_checkpoint_official_keys():
+    state = official_layout_state_dict(wan_small())
+    assert set(state) == official_wan_model_keys(2)
+    loaded = load_checkpoint(state, wan_small())
+    assert torch.equal(loaded.blocks[1].modulation, state["blocks.1.modulation"])

@@ -308,7 +308,8 @@ class LightningDiT(nn.Module):
             raise ValueError(f"t: expected [B={x.shape[0]}], got {tuple(t.shape)}")
         if y.dim() != 1 or y.shape[0] != x.shape[0]:
             raise ValueError(f"y: expected [B={x.shape[0]}] class labels, got {tuple(y.shape)}")
-        tokens = self.x_embedder(x) + self.pos_embed
+        # Inputs are cast to the weights' dtype, so a bf16 model runs without autocast.
+        tokens = self.x_embedder(x.to(self.x_embedder.proj.weight.dtype)) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
         return tokens, c
 
