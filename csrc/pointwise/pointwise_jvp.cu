@@ -1,0 +1,399 @@
+// Fused primal + tangent kernels of the pointwise ops (GELU, SiLU, SwiGLU, gated residual); see
+// docs jvp_math.md for the rules. Memory-bound: one pass reads each primal/tangent once and writes primal and
+// tangent once. fp32 math, outputs in the output dtype.
+//
+// Indexing: every operand is a [B, T, C] view (pointwise_jvp.h). A thread handles E consecutive channels of one
+// row per grid-stride step: E = 16 bytes of the narrowest dtype (4 for fp32-only kernels, 8 when a 16-bit dtype
+// is involved), loaded as 16-byte transactions when every pointer and stride allows (the "aligned" instantiation),
+// else E = 1 element loads (any C, any offset). Indices are 32-bit unless the tensor has >= 2^31 elements.
+#include "pointwise/pointwise_jvp.h"
+
+#include <algorithm>
+#include <cmath>
+#include <initializer_list>
+#include <type_traits>
+
+#include "pointwise/vec_io.cuh"
+
+namespace facm_ext::pointwise {
+namespace {
+
+using vec_io::from_f32;
+using vec_io::load;
+using vec_io::store;
+
+constexpr int kThreads = 256;
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+template <typename F>
+void with_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(Tag<float>{}); break;
+    case DType::kFloat16: f(Tag<__half>{}); break;
+    case DType::kBFloat16: f(Tag<__nv_bfloat16>{}); break;
+  }
+}
+
+template <typename F>
+void with_bool(bool value, F&& f) {
+  if (value) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// 16 bytes of the narrowest of the given types, in elements.
+template <typename... Ts>
+inline constexpr int kVecWidth = std::max({vec_io::kPer16<Ts>...});
+
+// Row/channel coordinates of grid-stride step v over a [B, T, C / E] grid of E-wide vectors.
+template <typename Idx>
+struct Coord {
+  Idx b, t, row, c;
+};
+
+template <int E, typename Idx>
+__device__ __forceinline__ Coord<Idx> coord_of(Idx v, Idx vecs_per_row, Idx tokens) {
+  Coord<Idx> k;
+  k.row = v / vecs_per_row;
+  k.c = (v - k.row * vecs_per_row) * E;
+  k.b = k.row / tokens;
+  k.t = k.row - k.b * tokens;
+  return k;
+}
+
+template <typename T, typename Idx>
+__device__ __forceinline__ const T* at(const Operand& op, const Coord<Idx>& k) {
+  return static_cast<const T*>(op.ptr) + (k.b * op.stride_b + k.t * op.stride_t + static_cast<int64_t>(k.c));
+}
+
+template <typename Idx>
+__device__ __forceinline__ int64_t out_offset(const Coord<Idx>& k, int64_t channels) {
+  return static_cast<int64_t>(k.row) * channels + static_cast<int64_t>(k.c);
+}
+
+__device__ __forceinline__ float tanh_fast(float u) {
+  float r;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(r) : "f"(u));
+  return r;
+}
+
+// gelu(x) and gelu'(x). Tanh form: one tanh serves both (kFastTanh: the SFU tanh.approx, ~2^-11 relative error,
+// used only for 16-bit outputs whose rounding is coarser; fp32 uses tanhf).
+template <bool kTanh, bool kFastTanh>
+__device__ __forceinline__ void gelu_and_derivative(float x, float& y, float& dy) {
+  if constexpr (kTanh) {
+    constexpr float kSqrt2OverPi = 0.7978845608028654f;
+    constexpr float kCubic = 0.044715f;
+    const float x2 = x * x;
+    const float u = kSqrt2OverPi * x * (1.0f + kCubic * x2);
+    const float th = kFastTanh ? tanh_fast(u) : tanhf(u);
+    const float half_one_plus = 0.5f * (1.0f + th);
+    y = x * half_one_plus;
+    dy = half_one_plus + 0.5f * x * (1.0f - th * th) * kSqrt2OverPi * (1.0f + 3.0f * kCubic * x2);
+  } else {
+    constexpr float kInvSqrt2 = 0.7071067811865476f;
+    constexpr float kInvSqrt2Pi = 0.3989422804014327f;
+    const float cdf = 0.5f * (1.0f + erff(x * kInvSqrt2));
+    y = x * cdf;
+    dy = cdf + x * kInvSqrt2Pi * __expf(-0.5f * x * x);
+  }
+}
+
+// silu(x) = x s and silu'(x) = s (1 + x (1 - s)), s = sigmoid(x). The IEEE reciprocal keeps s = 0 (not NaN) when
+// exp(-x) overflows.
+__device__ __forceinline__ void silu_and_derivative(float x, float& y, float& dy, float& s) {
+  s = __frcp_rn(1.0f + __expf(-x));
+  y = x * s;
+  dy = s * (1.0f + x * (1.0f - s));
+}
+
+template <typename T, int E, bool kAligned, typename Idx, bool kTangent, bool kTanh>
+__global__ void __launch_bounds__(kThreads)
+    gelu_jvp_kernel(Shape3 shape, Operand x, Operand tx, T* __restrict__ out, T* __restrict__ tout) {
+  constexpr bool kFastTanh = !std::is_same_v<T, float>;
+  const Idx vecs_per_row = static_cast<Idx>(shape.channels / E);
+  const Idx tokens = static_cast<Idx>(shape.tokens);
+  const Idx total = static_cast<Idx>(shape.batches) * tokens * vecs_per_row;
+  for (Idx v = static_cast<Idx>(blockIdx.x) * kThreads + threadIdx.x; v < total;
+       v += static_cast<Idx>(gridDim.x) * kThreads) {
+    const Coord<Idx> k = coord_of<E>(v, vecs_per_row, tokens);
+    float xv[E], yv[E], tv[E];
+    load<E, kAligned>(at<T>(x, k), xv);
+    if constexpr (kTangent) load<E, kAligned>(at<T>(tx, k), tv);
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      float dy;
+      gelu_and_derivative<kTanh, kFastTanh>(xv[i], yv[i], dy);
+      tv[i] = kTangent ? dy * tv[i] : 0.0f;
+    }
+    const int64_t o = out_offset(k, shape.channels);
+    store<E, kAligned>(out + o, yv);
+    store<E, kAligned>(tout + o, tv);
+  }
+}
+
+template <typename T, int E, bool kAligned, typename Idx, bool kTangent>
+__global__ void __launch_bounds__(kThreads)
+    silu_jvp_kernel(Shape3 shape, Operand x, Operand tx, T* __restrict__ out, T* __restrict__ tout) {
+  const Idx vecs_per_row = static_cast<Idx>(shape.channels / E);
+  const Idx tokens = static_cast<Idx>(shape.tokens);
+  const Idx total = static_cast<Idx>(shape.batches) * tokens * vecs_per_row;
+  for (Idx v = static_cast<Idx>(blockIdx.x) * kThreads + threadIdx.x; v < total;
+       v += static_cast<Idx>(gridDim.x) * kThreads) {
+    const Coord<Idx> k = coord_of<E>(v, vecs_per_row, tokens);
+    float xv[E], yv[E], tv[E];
+    load<E, kAligned>(at<T>(x, k), xv);
+    if constexpr (kTangent) load<E, kAligned>(at<T>(tx, k), tv);
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      float dy, s;
+      silu_and_derivative(xv[i], yv[i], dy, s);
+      tv[i] = kTangent ? dy * tv[i] : 0.0f;
+    }
+    const int64_t o = out_offset(k, shape.channels);
+    store<E, kAligned>(out + o, yv);
+    store<E, kAligned>(tout + o, tv);
+  }
+}
+
+template <typename T, int E, bool kAligned, typename Idx, bool kTangentA, bool kTangentB>
+__global__ void __launch_bounds__(kThreads)
+    swiglu_jvp_kernel(Shape3 shape, Operand a, Operand ta, Operand b, Operand tb, T* __restrict__ out,
+                      T* __restrict__ tout) {
+  const Idx vecs_per_row = static_cast<Idx>(shape.channels / E);
+  const Idx tokens = static_cast<Idx>(shape.tokens);
+  const Idx total = static_cast<Idx>(shape.batches) * tokens * vecs_per_row;
+  for (Idx v = static_cast<Idx>(blockIdx.x) * kThreads + threadIdx.x; v < total;
+       v += static_cast<Idx>(gridDim.x) * kThreads) {
+    const Coord<Idx> k = coord_of<E>(v, vecs_per_row, tokens);
+    float av[E], bv[E], tav[E], tbv[E], hv[E], thv[E];
+    load<E, kAligned>(at<T>(a, k), av);
+    load<E, kAligned>(at<T>(b, k), bv);
+    if constexpr (kTangentA) load<E, kAligned>(at<T>(ta, k), tav);
+    if constexpr (kTangentB) load<E, kAligned>(at<T>(tb, k), tbv);
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      float silu_a, dsilu_a, s;
+      silu_and_derivative(av[i], silu_a, dsilu_a, s);
+      hv[i] = silu_a * bv[i];
+      float th = 0.0f;
+      if constexpr (kTangentA) th += dsilu_a * tav[i] * bv[i];
+      if constexpr (kTangentB) th += silu_a * tbv[i];
+      thv[i] = th;
+    }
+    const int64_t o = out_offset(k, shape.channels);
+    store<E, kAligned>(out + o, hv);
+    store<E, kAligned>(tout + o, thv);
+  }
+}
+
+// Which tangents are present is a runtime (grid-uniform, so divergence-free) flag here: 9 dtype combinations x 8
+// tangent subsets as template flags would multiply the instantiations for no measurable gain.
+template <typename TX, typename TG, typename TY, int E, bool kAligned, typename Idx>
+__global__ void __launch_bounds__(kThreads)
+    gated_residual_jvp_kernel(Shape3 shape, Operand x, Operand tx, Operand gate, Operand tgate, Operand y,
+                              Operand ty, TX* __restrict__ out, TX* __restrict__ tout) {
+  const bool has_tx = tx.ptr != nullptr, has_tg = tgate.ptr != nullptr, has_ty = ty.ptr != nullptr;
+  const Idx vecs_per_row = static_cast<Idx>(shape.channels / E);
+  const Idx tokens = static_cast<Idx>(shape.tokens);
+  const Idx total = static_cast<Idx>(shape.batches) * tokens * vecs_per_row;
+  for (Idx v = static_cast<Idx>(blockIdx.x) * kThreads + threadIdx.x; v < total;
+       v += static_cast<Idx>(gridDim.x) * kThreads) {
+    const Coord<Idx> k = coord_of<E>(v, vecs_per_row, tokens);
+    float xv[E], gv[E], yv[E], tmp[E], th[E];
+    load<E, kAligned>(at<TX>(x, k), xv);
+    load<E, kAligned>(at<TG>(gate, k), gv);
+    load<E, kAligned>(at<TY>(y, k), yv);
+#pragma unroll
+    for (int i = 0; i < E; ++i) th[i] = 0.0f;
+    if (has_tx) {
+      load<E, kAligned>(at<TX>(tx, k), tmp);
+#pragma unroll
+      for (int i = 0; i < E; ++i) th[i] += tmp[i];
+    }
+    if (has_tg) {
+      load<E, kAligned>(at<TG>(tgate, k), tmp);
+#pragma unroll
+      for (int i = 0; i < E; ++i) th[i] += tmp[i] * yv[i];
+    }
+    if (has_ty) {
+      load<E, kAligned>(at<TY>(ty, k), tmp);
+#pragma unroll
+      for (int i = 0; i < E; ++i) th[i] += gv[i] * tmp[i];
+    }
+#pragma unroll
+    for (int i = 0; i < E; ++i) xv[i] += gv[i] * yv[i];
+    const int64_t o = out_offset(k, shape.channels);
+    store<E, kAligned>(out + o, xv);
+    store<E, kAligned>(tout + o, th);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------- host side
+bool vector_ok(const Shape3& shape, int width, std::initializer_list<Operand> operands,
+               std::initializer_list<const void*> outputs) {
+  if (shape.channels % width != 0) return false;
+  for (const Operand& op : operands) {
+    if (op.ptr == nullptr) continue;
+    if (!vec_io::aligned16(op.ptr) || op.stride_b % width != 0 || op.stride_t % width != 0) return false;
+  }
+  for (const void* p : outputs) {
+    if (!vec_io::aligned16(p)) return false;
+  }
+  return true;
+}
+
+bool needs_64bit_index(const Shape3& shape) {
+  return shape.batches * shape.tokens * shape.channels > static_cast<int64_t>(INT32_MAX);
+}
+
+// Launches `kernel` over work_items grid-stride steps, at most one wave of resident blocks.
+template <typename... KernelArgs, typename... Args>
+cudaError_t launch(void (*kernel)(KernelArgs...), int64_t work_items, cudaStream_t stream, Args&&... args) {
+  if (work_items <= 0) return cudaSuccess;
+  int64_t max_blocks = 0;
+  const cudaError_t err = vec_io::max_resident_blocks(kThreads, &max_blocks);
+  if (err != cudaSuccess) return err;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((work_items + kThreads - 1) / kThreads, max_blocks));
+  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(std::forward<Args>(args)...);
+  return cudaGetLastError();
+}
+
+// Calls f(width, aligned, idx) with the compile-time vector width (or 1 for the element path) and index type.
+template <int kWidth, typename F>
+void with_layout(bool aligned, bool wide_index, F&& f) {
+  auto pick_index = [&](auto width, auto aligned_tag) {
+    if (wide_index) {
+      f(width, aligned_tag, Tag<uint64_t>{});
+    } else {
+      f(width, aligned_tag, Tag<uint32_t>{});
+    }
+  };
+  if (aligned) {
+    pick_index(std::integral_constant<int, kWidth>{}, std::true_type{});
+  } else {
+    pick_index(std::integral_constant<int, 1>{}, std::false_type{});
+  }
+}
+
+int64_t work_items(const Shape3& shape, int width) { return shape.batches * shape.tokens * (shape.channels / width); }
+
+}  // namespace
+
+cudaError_t launch_gelu_jvp(Shape3 shape, Operand x, Operand tx, void* out, void* tout, bool tanh_form,
+                            cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  with_dtype(x.dtype, [&](auto t_tag) {
+    using T = typename decltype(t_tag)::type;
+    constexpr int kWidth = kVecWidth<T>;
+    const bool aligned = vector_ok(shape, kWidth, {x, tx}, {out, tout});
+    with_layout<kWidth>(aligned, needs_64bit_index(shape), [&](auto width, auto aligned_tag, auto idx_tag) {
+      constexpr int E = decltype(width)::value;
+      using Idx = typename decltype(idx_tag)::type;
+      with_bool(tx.ptr != nullptr, [&](auto tangent) {
+        with_bool(tanh_form, [&](auto tanh_tag) {
+          err = launch(gelu_jvp_kernel<T, E, decltype(aligned_tag)::value, Idx, decltype(tangent)::value,
+                                       decltype(tanh_tag)::value>,
+                       work_items(shape, E), stream, shape, x, tx, static_cast<T*>(out), static_cast<T*>(tout));
+        });
+      });
+    });
+  });
+  return err;
+}
+
+cudaError_t launch_silu_jvp(Shape3 shape, Operand x, Operand tx, void* out, void* tout, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  with_dtype(x.dtype, [&](auto t_tag) {
+    using T = typename decltype(t_tag)::type;
+    constexpr int kWidth = kVecWidth<T>;
+    const bool aligned = vector_ok(shape, kWidth, {x, tx}, {out, tout});
+    with_layout<kWidth>(aligned, needs_64bit_index(shape), [&](auto width, auto aligned_tag, auto idx_tag) {
+      constexpr int E = decltype(width)::value;
+      using Idx = typename decltype(idx_tag)::type;
+      with_bool(tx.ptr != nullptr, [&](auto tangent) {
+        err = launch(silu_jvp_kernel<T, E, decltype(aligned_tag)::value, Idx, decltype(tangent)::value>,
+                     work_items(shape, E), stream, shape, x, tx, static_cast<T*>(out), static_cast<T*>(tout));
+      });
+    });
+  });
+  return err;
+}
+
+cudaError_t launch_swiglu_jvp(Shape3 shape, Operand a, Operand ta, Operand b, Operand tb, void* out, void* tout,
+                              cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  with_dtype(a.dtype, [&](auto t_tag) {
+    using T = typename decltype(t_tag)::type;
+    constexpr int kWidth = kVecWidth<T>;
+    const bool aligned = vector_ok(shape, kWidth, {a, ta, b, tb}, {out, tout});
+    with_layout<kWidth>(aligned, needs_64bit_index(shape), [&](auto width, auto aligned_tag, auto idx_tag) {
+      constexpr int E = decltype(width)::value;
+      using Idx = typename decltype(idx_tag)::type;
+      with_bool(ta.ptr != nullptr, [&](auto tangent_a) {
+        with_bool(tb.ptr != nullptr, [&](auto tangent_b) {
+          err = launch(swiglu_jvp_kernel<T, E, decltype(aligned_tag)::value, Idx, decltype(tangent_a)::value,
+                                         decltype(tangent_b)::value>,
+                       work_items(shape, E), stream, shape, a, ta, b, tb, static_cast<T*>(out),
+                       static_cast<T*>(tout));
+        });
+      });
+    });
+  });
+  return err;
+}
+
+bool gated_residual_supported(DType x, DType gate, DType y) {
+  if (x == y) return gate == x || gate == DType::kFloat32;        // one dtype, or an fp32 gate
+  if (x == DType::kFloat32) return gate == DType::kFloat32 || gate == y;  // fp32 residual stream (Wan)
+  return false;
+}
+
+namespace {
+template <typename TX, typename TG, typename TY>
+cudaError_t launch_gated_typed(Shape3 shape, Operand x, Operand tx, Operand gate, Operand tgate, Operand y,
+                               Operand ty, void* out, void* tout, cudaStream_t stream) {
+  constexpr int kWidth = kVecWidth<TX, TG, TY>;
+  const bool aligned = vector_ok(shape, kWidth, {x, tx, gate, tgate, y, ty}, {out, tout});
+  cudaError_t err = cudaSuccess;
+  with_layout<kWidth>(aligned, needs_64bit_index(shape), [&](auto width, auto aligned_tag, auto idx_tag) {
+    constexpr int E = decltype(width)::value;
+    using Idx = typename decltype(idx_tag)::type;
+    err = launch(gated_residual_jvp_kernel<TX, TG, TY, E, decltype(aligned_tag)::value, Idx>, work_items(shape, E),
+                 stream, shape, x, tx, gate, tgate, y, ty, static_cast<TX*>(out), static_cast<TX*>(tout));
+  });
+  return err;
+}
+}  // namespace
+
+cudaError_t launch_gated_residual_jvp(Shape3 shape, Operand x, Operand tx, Operand gate, Operand tgate, Operand y,
+                                      Operand ty, void* out, void* tout, cudaStream_t stream) {
+  if (!gated_residual_supported(x.dtype, gate.dtype, y.dtype)) return cudaErrorInvalidValue;
+  cudaError_t err = cudaSuccess;
+  with_dtype(x.dtype, [&](auto x_tag) {
+    with_dtype(gate.dtype, [&](auto g_tag) {
+      with_dtype(y.dtype, [&](auto y_tag) {
+        using TX = typename decltype(x_tag)::type;
+        using TG = typename decltype(g_tag)::type;
+        using TY = typename decltype(y_tag)::type;
+        // Only the supported combinations are instantiated (checked above at run time, mirrored here).
+        constexpr bool kSameXY = std::is_same_v<TX, TY>;
+        constexpr bool kSupported =
+            kSameXY ? (std::is_same_v<TG, TX> || std::is_same_v<TG, float>)
+                    : (std::is_same_v<TX, float> && (std::is_same_v<TG, float> || std::is_same_v<TG, TY>));
+        if constexpr (kSupported) {
+          err = launch_gated_typed<TX, TG, TY>(shape, x, tx, gate, tgate, y, ty, out, tout, stream);
+        }
+      });
+    });
+  });
+  return err;
+}
+
+}  // namespace facm_ext::pointwise

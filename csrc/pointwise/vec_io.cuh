@@ -1,0 +1,84 @@
+// Device helpers shared by the pointwise and RoPE JVP kernels: fp32 conversion of fp32/fp16/bf16 elements and
+// loads/stores of E consecutive elements, as 16-byte transactions when the caller guarantees alignment.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace facm_ext::vec_io {
+
+template <typename T>
+__device__ __forceinline__ float to_f32(T v);
+template <>
+__device__ __forceinline__ float to_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Elements of T per 16-byte transaction.
+template <typename T>
+inline constexpr int kPer16 = 16 / static_cast<int>(sizeof(T));
+
+// Loads p[0..E) as fp32. kAligned: p is 16-byte aligned and E a multiple of kPer16<T> (16-byte loads through the
+// read-only path); otherwise element by element.
+template <int E, bool kAligned, typename T>
+__device__ __forceinline__ void load(const T* __restrict__ p, float (&out)[E]) {
+  if constexpr (kAligned) {
+    static_assert(E % kPer16<T> == 0, "vector width must cover whole 16-byte transactions");
+#pragma unroll
+    for (int chunk = 0; chunk < E / kPer16<T>; ++chunk) {
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p) + chunk);
+      const T* vals = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < kPer16<T>; ++i) out[chunk * kPer16<T> + i] = to_f32(vals[i]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < E; ++i) out[i] = to_f32(__ldg(p + i));
+  }
+}
+
+template <int E, bool kAligned, typename T>
+__device__ __forceinline__ void store(T* __restrict__ p, const float (&in)[E]) {
+  if constexpr (kAligned) {
+    static_assert(E % kPer16<T> == 0, "vector width must cover whole 16-byte transactions");
+#pragma unroll
+    for (int chunk = 0; chunk < E / kPer16<T>; ++chunk) {
+      uint4 raw;
+      T* vals = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < kPer16<T>; ++i) vals[i] = from_f32<T>(in[chunk * kPer16<T> + i]);
+      reinterpret_cast<uint4*>(p)[chunk] = raw;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < E; ++i) p[i] = from_f32<T>(in[i]);
+  }
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Resident blocks of `threads` threads that fill the current device (grid-stride kernels launch at most this many).
+inline cudaError_t max_resident_blocks(int threads, int64_t* blocks) {
+  int device = 0, sms = 0, threads_per_sm = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device);
+  *blocks = static_cast<int64_t>(sms) * (threads_per_sm / threads);
+  return err;
+}
+
+}  // namespace facm_ext::vec_io
