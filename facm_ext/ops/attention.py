@@ -99,6 +99,17 @@ def _valid_keys(key_lengths: Optional[Tensor], len_k: int, device) -> Optional[T
     return (positions[None, :] < key_lengths.to(device=device, dtype=torch.int64)[:, None]).view(-1, 1, 1, len_k)
 
 
+def _masked_keys(x: Optional[Tensor], valid: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """x [B, H, Lk, D] in ``dtype`` with padded key rows zeroed, so padding holding inf/NaN cannot leak through
+    0 * NaN in the products (the kernels never load those rows)."""
+    if x is None:
+        return None
+    x = x.to(dtype)
+    if valid is None:
+        return x
+    return torch.where(valid.transpose(-2, -1), x, torch.zeros((), dtype=dtype, device=x.device))
+
+
 def _math_forward(q: Tensor, k: Tensor, v: Tensor, tq: Optional[Tensor], tk: Optional[Tensor],
                   tv: Optional[Tensor], key_lengths: Optional[Tensor], scale: float):
     """Explicit JVP formulas: O = P V, S' = tau (Q' K^T + Q K'^T), mu = rowsum(P * S'),
@@ -106,10 +117,8 @@ def _math_forward(q: Tensor, k: Tensor, v: Tensor, tq: Optional[Tensor], tk: Opt
     cdt = _compute_dtype(q.dtype)
     batch, heads, len_q, head_dim = q.shape
     len_k = k.shape[2]
-    kc, vc = k.to(cdt), v.to(cdt)
-    tkc = tk.to(cdt) if tk is not None else None
-    tvc = tv.to(cdt) if tv is not None else None
     valid = _valid_keys(key_lengths, len_k, q.device)
+    kc, vc, tkc, tvc = (_masked_keys(x, valid, cdt) for x in (k, v, tk, tv))
     o = torch.empty((batch, heads, len_q, head_dim), dtype=q.dtype, device=q.device)
     to = torch.zeros_like(o)
     lse = torch.empty((batch, heads, len_q), dtype=cdt, device=q.device)
@@ -152,8 +161,8 @@ def _math_backward(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l
     """dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = tau dS K, dK = tau dS^T Q; chunked over queries."""
     cdt = _compute_dtype(q.dtype)
     len_q, len_k = q.shape[2], k.shape[2]
-    kc, vc = k.to(cdt), v.to(cdt)
     valid = _valid_keys(key_lengths, len_k, q.device)
+    kc, vc = _masked_keys(k, valid, cdt), _masked_keys(v, valid, cdt)
     delta = (grad_o.to(cdt) * o.to(cdt)).sum(dim=-1)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
