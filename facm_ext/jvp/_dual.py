@@ -327,6 +327,13 @@ def fallback(func, args: tuple, kwargs: dict, *, tangent_context: Optional[Calla
             mask = args[1] if len(args) > 1 else kwargs["mask"]
             tangents_flat = [args[0]._facm_tangent.masked_fill(mask, 0)]
             record_fallback(what or func_name(func), reason)
+        elif name == "pad" and first_dual:
+            pad_args = _pad_arguments(args, kwargs)
+            if pad_args[2] == "constant":
+                tangents_flat = [func(args[0]._facm_tangent, pad_args[1], mode="constant", value=0.0)]
+            else:
+                tangents_flat = [func(args[0]._facm_tangent, pad_args[1], mode=pad_args[2])]
+            record_fallback(what or func_name(func), reason)
         elif name in _JOINTLY_LINEAR_NAMES or name in _MULTILINEAR_NAMES or name == "where":
             tangents_flat = _linear_combination_tangent(func, name, flat, spec, dual_idx)
             record_fallback(what or func_name(func), reason)
@@ -363,6 +370,14 @@ def fallback(func, args: tuple, kwargs: dict, *, tangent_context: Optional[Calla
         for i in dual_idx:
             flat[i]._facm_shares_memory = True
     return tree_unflatten(result, out_spec)
+
+
+def _pad_arguments(args: tuple, kwargs: dict) -> tuple:
+    """(input, pad, mode) of F.pad(input, pad, mode="constant", value=None)."""
+    values = list(args) + [None] * (4 - len(args))
+    pad = values[1] if len(args) > 1 else kwargs["pad"]
+    mode = values[2] if len(args) > 2 else kwargs.get("mode", "constant")
+    return values[0], pad, mode
 
 
 def _carries_tangent(x) -> bool:

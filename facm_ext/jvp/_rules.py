@@ -120,6 +120,22 @@ def _sdpa_fallback(args, kwargs, reason=None):
                     reason=reason)
 
 
+def _key_lengths_of_mask(mask, batch: int, keys: int):
+    """[B] int64 valid-key counts when ``mask`` is a boolean [B or 1, 1, 1, Lk] mask that keeps a nonempty prefix
+    of the keys of every sample (the key-padding mask of variable-length self-attention); else None.
+    Checking the prefix form costs one device synchronization."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 4:
+        return None
+    if mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[3] != keys or mask.shape[0] not in (1, batch):
+        return None
+    rows = mask.reshape(mask.shape[0], keys)
+    lengths = rows.sum(-1)
+    prefix = torch.arange(keys, device=mask.device)[None, :] < lengths[:, None]
+    if not torch.equal(prefix, rows) or not bool((lengths > 0).all()):
+        return None
+    return lengths.expand(batch).contiguous()
+
+
 def _sdpa_rule(args, kwargs):
     q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa = _bind(
         args, kwargs, ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
@@ -127,13 +143,19 @@ def _sdpa_rule(args, kwargs):
     tq, tk, tv = tangent_of(q), tangent_of(k), tangent_of(v)
     if tq is None and tk is None and tv is None:
         return _sdpa_fallback(args, kwargs)
-    if attn_mask is not None or dropout_p != 0.0 or is_causal or enable_gqa:
-        return _sdpa_fallback(args, kwargs, reason="attn_mask/dropout/is_causal/enable_gqa not fused")
-    if tangent_of(attn_mask) is not None or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+    if dropout_p != 0.0 or is_causal or enable_gqa:
+        return _sdpa_fallback(args, kwargs, reason="dropout/is_causal/enable_gqa not fused")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return _sdpa_fallback(args, kwargs, reason="only 4-D [B, H, L, D] inputs are fused")
+    key_lengths = None
+    if attn_mask is not None:
+        key_lengths = _key_lengths_of_mask(plain(attn_mask), q.shape[0], k.shape[-2])
+        if key_lengths is None:
+            return _sdpa_fallback(args, kwargs, reason="attn_mask other than a boolean key-prefix mask not fused")
     qp, kp, vp = plain(q), plain(k), plain(v)
     qp, kp, vp, tq, tk, tv = autocast_lower_precision(qp.device.type, qp, kp, vp, tq, tk, tv)
-    result, why = call_op("attention_jvp", "F.scaled_dot_product_attention", qp, kp, vp, tq, tk, tv, scale=scale)
+    result, why = call_op("attention_jvp", "F.scaled_dot_product_attention", qp, kp, vp, tq, tk, tv, scale=scale,
+                          key_lengths=key_lengths)
     if result is None:
         return _sdpa_fallback(args, kwargs, reason=why)
     return make_dual(*result)
