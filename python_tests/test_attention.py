@@ -40,6 +40,14 @@ def _inputs(batch, heads, len_q, len_k, head_dim, dtype, device, tangents=(True,
     return q, k, v, tq, tk, tv
 
 
+@pytest.fixture(autouse=True)
+def _fixed_kernel_configs(request, monkeypatch):
+    # Autotuning every small case would compile each kernel variant six times; the large cases keep it on so the
+    # autotuned configurations (those the benchmarks time) are checked too.
+    if "large" not in request.node.name:
+        monkeypatch.setenv("FACM_EXT_ATTN_AUTOTUNE", "0")
+
+
 def _reference_jvp(q, k, v, tq, tk, tv, *, scale=None, key_lengths=None, dtype=torch.float64):
     """torch.func.jvp of the math attention with inputs cast to ``dtype`` (float64: the ground truth)."""
     primals = tuple(x.to(dtype) for x in (q, k, v))

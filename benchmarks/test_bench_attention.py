@@ -1,0 +1,168 @@
+"""attention_jvp (Triton one-pass flash JVP) against SDPA forward (best backend), and the math-path JVP
+(torch.func.jvp of the reference attention) eager and compiled, bf16, in the same run. Also the backward of the
+primal output against SDPA's backward.
+
+Throughput of every JVP row counts 12 N M d FLOPs per batch and head (N = Lq, M = Lk), the work of the full JVP
+(primal 4 N M d + tangent 8 N M d), also for the cross-attention case where only tq is given (actual work 8 N M d).
+SDPA forward rows count its own 4 N M d. Backward rows count 10 N M d (recompute S, dV, dP, dQ, dK: 5 GEMMs).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import _harness
+from facm_ext.ops import attention_jvp
+from facm_ext.reference.attention import attention
+
+# name -> (B, H, Lq, Lk, D, tangents given for (q, k, v))
+CASES = {
+    "lightningdit_B16": (16, 16, 256, 256, 72, (True, True, True)),
+    "lightningdit_B64": (64, 16, 256, 256, 72, (True, True, True)),
+    "dit_xl2_512px_B16": (16, 16, 1024, 1024, 72, (True, True, True)),
+    "B1_L4096_D128": (1, 16, 4096, 4096, 128, (True, True, True)),
+    "wan_self_L32760": (1, 40, 32760, 32760, 128, (True, True, True)),
+    "wan_cross_Lk512_tq_only": (1, 40, 32760, 512, 128, (True, False, False)),
+}
+# The math path materializes about six [B, H, Lq, Lk] bf16/fp32 tensors; skip it above this budget.
+MATH_PATH_BUDGET_GIB = 40.0
+
+
+def _make(batch, heads, len_q, len_k, head_dim, tangents, *, requires_grad=False):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+
+    q, k, v = rand(batch, heads, len_q, head_dim), rand(batch, heads, len_k, head_dim), rand(batch, heads, len_k, head_dim)
+    tq, tk, tv = (rand(*x.shape) if use else None for x, use in zip((q, k, v), tangents))
+    if requires_grad:
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+    return q, k, v, tq, tk, tv
+
+
+def _jvp_flops(batch, heads, len_q, len_k, head_dim):
+    return 12.0 * batch * heads * len_q * len_k * head_dim
+
+
+def _math_jvp_fn(q, k, v, tq, tk, tv):
+    tangents = tuple(torch.zeros_like(p) if t is None else t for p, t in zip((q, k, v), (tq, tk, tv)))
+
+    def run(q, k, v, tq, tk, tv):
+        return torch.func.jvp(attention, (q, k, v), (tq, tk, tv))
+
+    return run, (q, k, v, *tangents)
+
+
+def _timed(benchmark, fn, *, use_benchmark: bool):
+    def synced():
+        fn()
+        torch.cuda.synchronize()
+
+    if use_benchmark:
+        benchmark.pedantic(synced, rounds=5, warmup_rounds=2)
+    return _harness.median_ms(fn)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bench_attention_jvp(benchmark, case):
+    _harness.require_cuda()
+    batch, heads, len_q, len_k, head_dim, tangents = CASES[case]
+    flops = _jvp_flops(batch, heads, len_q, len_k, head_dim)
+    q, k, v, tq, tk, tv = _make(batch, heads, len_q, len_k, head_dim, tangents)
+    group = "attention_jvp"
+
+    with torch.no_grad():
+        ours = functools.partial(attention_jvp, q, k, v, tq, tk, tv)
+        ours()  # autotune and compile outside the timing
+        ms_ours = _timed(benchmark, ours, use_benchmark=True)
+        peak = _harness.peak_extra_memory_gib(ours)
+        _harness.record(group, case, "facm_ext attention_jvp (triton)", ms_ours, flops=flops, peak_gib=peak,
+                        note="12NMd counted" + (" (only tq: 8NMd done)" if tangents == (True, False, False) else ""))
+
+        sdpa = functools.partial(F.scaled_dot_product_attention, q, k, v)
+        sdpa()
+        ms_sdpa = _harness.median_ms(sdpa)
+        _harness.record(group, case, "SDPA forward (primal only)", ms_sdpa, flops=flops / 3,
+                        peak_gib=_harness.peak_extra_memory_gib(sdpa), note=f"ours/SDPA fwd = {ms_ours / ms_sdpa:.2f}x")
+
+        if head_dim == 72:
+            # The alternative to the 64+16 split: pad the head to 128 (same kernel, zero channels).
+            padded = [None if x is None else F.pad(x, (0, 128 - head_dim)) for x in (q, k, v, tq, tk, tv)]
+            ours_padded = functools.partial(attention_jvp, *padded, scale=head_dim ** -0.5)
+            ours_padded()
+            _harness.record(group, case, "facm_ext, head padded 72->128", _harness.median_ms(ours_padded),
+                            flops=flops, note="what the 64+16 split avoids")
+
+        math_gib = 6 * batch * heads * len_q * len_k * 4 / 2**30
+        if math_gib > MATH_PATH_BUDGET_GIB:
+            for impl in ("math-path torch.func.jvp eager", "math-path torch.func.jvp compiled"):
+                _harness.record(group, case, impl, float("nan"),
+                                note=f"skipped: needs ~{math_gib:.0f} GiB ([B,H,Lq,Lk] scores)")
+            return
+        run, args = _math_jvp_fn(q, k, v, tq, tk, tv)
+        eager = functools.partial(run, *args)
+        eager()
+        _harness.record(group, case, "math-path torch.func.jvp eager", _harness.median_ms(eager), flops=flops,
+                        peak_gib=_harness.peak_extra_memory_gib(eager))
+        compiled_run = torch.compile(run, fullgraph=True, dynamic=False)
+        compiled = functools.partial(compiled_run, *args)
+        try:
+            compiled()
+        except Exception as exc:  # noqa: BLE001 - the alternative failing to compile is itself the result to report
+            _harness.record(group, case, "math-path torch.func.jvp compiled", float("nan"),
+                            note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+            return
+        _harness.record(group, case, "math-path torch.func.jvp compiled", _harness.median_ms(compiled), flops=flops,
+                        peak_gib=_harness.peak_extra_memory_gib(compiled))
+
+
+BACKWARD_CASES = ["lightningdit_B64", "dit_xl2_512px_B16", "B1_L4096_D128", "wan_cross_Lk512_tq_only"]
+
+
+def _backward_timer(o, inputs):
+    grad = torch.randn_like(o)
+    return lambda: torch.autograd.grad(o, inputs, grad, retain_graph=True)
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES)
+def test_bench_attention_backward(benchmark, case, monkeypatch):
+    _harness.require_cuda()
+    batch, heads, len_q, len_k, head_dim, tangents = CASES[case]
+    bwd_flops = 10.0 * batch * heads * len_q * len_k * head_dim
+    q, k, v, tq, tk, tv = _make(batch, heads, len_q, len_k, head_dim, tangents, requires_grad=True)
+    group = "attention_backward"
+
+    o_sdpa = F.scaled_dot_product_attention(q, k, v)
+    sdpa_bwd = _backward_timer(o_sdpa, (q, k, v))
+    sdpa_bwd()
+    ms_sdpa = _harness.median_ms(sdpa_bwd)
+    _harness.record(group, case, "SDPA backward", ms_sdpa, flops=bwd_flops)
+    del o_sdpa, sdpa_bwd
+
+    for backend in ("default", "flash", "triton", "cudnn"):
+        if backend == "default":
+            monkeypatch.delenv("FACM_EXT_ATTN_BACKWARD", raising=False)
+        else:
+            monkeypatch.setenv("FACM_EXT_ATTN_BACKWARD", backend)
+        o, _ = attention_jvp(q, k, v, tq, tk, tv)
+        ours_bwd = _backward_timer(o, (q, k, v))
+        if backend == "default":
+            ours_bwd()
+        else:
+            try:
+                ours_bwd()
+            except (RuntimeError, TypeError) as exc:  # a forced aten backward may reject our inputs: report it
+                _harness.record(group, case, f"facm_ext backward ({backend})", float("nan"),
+                                note=f"failed: {str(exc).splitlines()[0][:80]}")
+                continue
+        ms = _timed(benchmark, ours_bwd, use_benchmark=backend == "default")
+        _harness.record(group, case, f"facm_ext backward ({backend})", ms, flops=bwd_flops,
+                        note=f"vs SDPA backward {ms / ms_sdpa:.2f}x")
+        del o, ours_bwd
+    monkeypatch.delenv("FACM_EXT_ATTN_BACKWARD", raising=False)
+
