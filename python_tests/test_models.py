@@ -208,6 +208,35 @@ def test_lightningdit_compiles_fullgraph():
     assert torch.allclose(compiled(x, t, y), model(x, t, y), rtol=1e-5, atol=1e-6)
 
 
+def test_lightningdit_variant_keys_match_official_layers():
+    # use_rmsnorm=False: LayerNorm without affine for norm1/norm2/norm_final and affine nn.LayerNorm for q/k norm;
+    # use_swiglu=False: timm Mlp (fc1/fc2), as in the official module.
+    model = tiny_lightningdit(use_rmsnorm=False, use_swiglu=False, use_qknorm=True)
+    block_keys = {k.split(".", 2)[2] for k in model.state_dict() if k.startswith("blocks.0.")}
+    assert block_keys == {
+        "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+        "attn.q_norm.weight", "attn.q_norm.bias", "attn.k_norm.weight", "attn.k_norm.bias",
+        "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+        "adaLN_modulation.1.weight", "adaLN_modulation.1.bias",
+    }
+    assert "final_layer.norm_final.weight" not in model.state_dict()
+    assert tuple(model.blocks[0].mlp.fc1.weight.shape) == (192, 48)
+    x, t, y = torch.randn(2, 4, 6, 6), torch.rand(2), torch.tensor([1, 10])
+    assert randomize_(model)(x, t, y).shape == (2, 4, 6, 6)
+
+
+@pytest.mark.parametrize("make", ["lightningdit", "dit"])
+def test_bf16_models_run_without_autocast(make):
+    model = randomize_(tiny_lightningdit() if make == "lightningdit" else tiny_dit())
+    size = model.input_size
+    x, t, y = torch.randn(2, 4, size, size), torch.rand(2), torch.tensor([1, 10])
+    ref = model(x, t, y)
+    out = model.to(torch.bfloat16)(x, t, y)
+    assert out.dtype == torch.bfloat16
+    # Two bf16 blocks on O(1) activations: a few bf16 roundings per layer (rel 2^-8 each).
+    assert (out.float() - ref).norm() / ref.norm() < 5e-2
+
+
 # --------------------------------------------------------------------------------------------- DiT
 
 
@@ -552,7 +581,7 @@ def test_wan_torch_func_jvp_matches_finite_differences():
     assert (fd - tangent).norm() / tangent.norm() < 1e-7
 
 
-def test_wan_block_compiles_fullgraph():
+def test_wan_block_and_model_compile_fullgraph():
     model = randomize_(wan_small())
     block = model.blocks[1]
     x = torch.randn(2, 20, 64)
@@ -561,6 +590,9 @@ def test_wan_block_compiles_fullgraph():
     context, lens = torch.randn(2, 8, 64), torch.tensor([12, 20])
     compiled = torch.compile(block, fullgraph=True, backend="eager")
     assert torch.allclose(compiled(x, e, lens, cos, sin, context), block(x, e, lens, cos, sin, context), atol=1e-6)
+    video, t, text = wan_inputs(model)
+    compiled_model = torch.compile(model, fullgraph=True, backend="eager")
+    assert torch.allclose(compiled_model(video, t, text, seq_len=21), model(video, t, text, seq_len=21), atol=1e-6)
 
 
 def test_load_wan_checkpoint_official_keys():
@@ -568,3 +600,10 @@ def test_load_wan_checkpoint_official_keys():
     assert set(state) == official_wan_model_keys(2)
     loaded = load_checkpoint(state, wan_small())
     assert torch.equal(loaded.blocks[1].modulation, state["blocks.1.modulation"])
+
+
+def test_dit_compiles_fullgraph():
+    model = randomize_(tiny_dit())
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 10])
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    assert torch.allclose(compiled(x, t, y), model(x, t, y), rtol=1e-5, atol=1e-6)
