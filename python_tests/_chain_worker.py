@@ -353,25 +353,31 @@ def scenario_transform(kind: str):
 
 
 def scenario_fsdp1():
+    """FSDP1 units through summon_full_params(unit, recurse=False): tangent mode and hybrid (FSDP1 needs a GPU)."""
+    if dist.get_backend() != "nccl" or not torch.cuda.is_available():
+        return {"skip": "FSDP1 refuses CPU-only processes; run with FACM_CHAIN_WORKER_BACKEND=nccl on 2 GPUs"}
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+    device = torch.device("cuda", torch.cuda.current_device())
     results = {}
     for mode in ("tangent", "hybrid"):
-        model = tiny_lightningdit()
+        model = tiny_lightningdit().to(device)
         reference = copy.deepcopy(model)
-        model.blocks = nn.ModuleList(FSDP(block, use_orig_params=True) for block in model.blocks)
+        model.blocks = nn.ModuleList(FSDP(block, use_orig_params=True, device_id=device) for block in model.blocks)
         carry, carry_tangent, context, context_tangents, kwargs = lightningdit_chain_inputs(model)
+        carry, carry_tangent = carry.to(device), carry_tangent.to(device)
+        c, c_tangent = context[0].to(device), context_tangents[0].to(device)
         generator = torch.Generator().manual_seed(5)
-        ref_inputs = [carry.clone().requires_grad_(True), context[0].clone().requires_grad_(True)]
+        ref_inputs = [carry.clone().requires_grad_(True), c.clone().requires_grad_(True)]
         ref_out, ref_tangent = reference_chain(reference.blocks, lightningdit_step, ref_inputs[0], carry_tangent,
-                                               (ref_inputs[1], context[1]), context_tangents, kwargs)
-        weight = torch.randn(ref_out.shape, generator=generator, dtype=ref_out.dtype)
+                                               (ref_inputs[1], reference.feat_rope), (c_tangent, None), kwargs)
+        weight = torch.randn(ref_out.shape, generator=generator, dtype=ref_out.dtype).to(device)
         (ref_out * weight).sum().backward()
-        inputs = [carry.clone().requires_grad_(mode != "tangent"), context[0].clone().requires_grad_(mode != "tangent")]
+        inputs = [carry.clone().requires_grad_(mode != "tangent"), c.clone().requires_grad_(mode != "tangent")]
         chain = ChainJVP(list(model.blocks), step=lightningdit_step, mode=mode)
-        out, tangent = chain(inputs[0], carry_tangent, inputs[1], context[1], context_tangents=context_tangents)
+        out, tangent = chain(inputs[0], carry_tangent, inputs[1], model.feat_rope, context_tangents=(c_tangent, None))
         case = dict(out_err=rel(out, ref_out), tangent_err=rel(tangent, ref_tangent),
-                    out_requires_grad=out.requires_grad)
+                    out_requires_grad=out.requires_grad, tangent_has_graph=tangent.requires_grad)
         if mode == "hybrid":
             (out * weight).sum().backward()
             case["input_grad_err"] = max(rel(x.grad, r.grad) for x, r in zip(inputs, ref_inputs))
@@ -384,14 +390,28 @@ def scenario_fsdp1():
                         missing.append(clean)
                         continue
                     worst = max(worst, rel(param.grad, ref_params[clean].grad))
-            case["grads_missing"] = missing
             case["grad_err"] = worst
+            case["grads_missing"] = missing
         results[mode] = case
     return results
 
 
+def with_torch_func_seam(scenario):
+    """Run a scenario with the chain's per-block JVP forced to torch.func.jvp (the seam without the transform)."""
+
+    def run():
+        os.environ["FACM_EXT_CHAIN_SEAM"] = "torch_func"
+        try:
+            return scenario()
+        finally:
+            del os.environ["FACM_EXT_CHAIN_SEAM"]
+
+    return run
+
+
 SCENARIOS = {
     "lightningdit_chain": scenario_lightningdit_chain,
+    "lightningdit_chain_torch_func": with_torch_func_seam(scenario_lightningdit_chain),
     "wan_chain": scenario_wan_chain,
     "mixed_precision": scenario_mixed_precision,
     "exception_safety": scenario_exception_safety,
@@ -405,7 +425,10 @@ SCENARIOS = {
 def main() -> None:
     out_path = sys.argv[1]
     names = sys.argv[2:] or list(SCENARIOS)
-    dist.init_process_group("gloo")
+    backend = os.environ.get("FACM_CHAIN_WORKER_BACKEND", "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend)
     rank = dist.get_rank()
     results = {}
     for name in names:
