@@ -26,9 +26,6 @@ import triton.language as tl
 
 ACTIVATIONS = {"none": 0, "gelu_tanh": 1, "swiglu": 2}
 
-# GELU-tanh constants, sqrt(2 / pi) and 0.044715, as constexpr globals so the JIT can read them.
-_GELU_K = tl.constexpr(0.7978845608028654)
-_GELU_C = tl.constexpr(0.044715)
 
 
 def _configs(four_accumulators: bool) -> list:
@@ -131,10 +128,11 @@ def _dual_gemm_kernel(
             tl.store(pre_ptrs + GATE_OFFSET * stride_pn, gacc.to(pre_ptr.dtype.element_ty), mask=mask)
 
     if ACTIVATION == 1:
+        # GELU-tanh constants inline (k = sqrt(2 / pi), c = 0.044715): the interpreter rejects constexpr globals.
         h2 = acc * acc
-        t = _tanh(_GELU_K * acc * (1.0 + _GELU_C * h2))
+        t = _tanh(0.7978845608028654 * acc * (1.0 + 0.044715 * h2))
         out = 0.5 * acc * (1.0 + t)
-        tout = (0.5 * (1.0 + t) + 0.5 * acc * (1.0 - t * t) * _GELU_K * (1.0 + 3.0 * _GELU_C * h2)) * tacc
+        tout = (0.5 * (1.0 + t) + 0.5 * acc * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * h2)) * tacc
     elif ACTIVATION == 2:
         s = 1.0 / (1.0 + tl.exp(-acc))
         silu = acc * s

@@ -16,6 +16,7 @@ Gradients: only the primal output is differentiable (dx, dW, db); the tangent ou
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from facm_ext.ops._common import (
     OpInfo,
+    _forced_backend,
     check_same_device,
     check_same_dtype,
     check_tangent,
@@ -33,6 +35,16 @@ from facm_ext.ops._common import (
 )
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def use_dual_gemm(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when the Triton dual GEMM should run: fp16/bf16 CUDA tensors (unless another backend is forced), or,
+    for the interpreter tests, fp32/fp16 CPU tensors under TRITON_INTERPRET=1 with FACM_EXT_BACKEND=triton."""
+    if use_triton(*tensors, dtypes=TRITON_DTYPES):
+        return True
+    live = [t for t in tensors if t is not None]
+    return (os.environ.get("TRITON_INTERPRET", "0") == "1" and _forced_backend() == "triton" and bool(live)
+            and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float16) for t in live))
 
 register_op_info(OpInfo(
     name="linear_jvp",
@@ -87,7 +99,7 @@ def _linear_jvp_reference(x, tx, weight, bias):
 def _linear_jvp_op(x: torch.Tensor, tx: Optional[torch.Tensor], weight: torch.Tensor,
                    bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.autocast(x.device.type, enabled=False):
-        if x.numel() > 0 and use_triton(x, tx, weight, bias, dtypes=TRITON_DTYPES):
+        if x.numel() > 0 and use_dual_gemm(x, tx, weight, bias):
             from facm_ext.kernels.mlp_jvp_triton import dual_gemm
 
             lead = x.shape[:-1]

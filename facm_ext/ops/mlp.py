@@ -29,13 +29,10 @@ from facm_ext.ops._common import (
     check_tangent,
     check_tensor,
     register_op_info,
-    use_triton,
     zeros_tangent,
 )
-from facm_ext.ops.linear import autocast_cast
+from facm_ext.ops.linear import autocast_cast, use_dual_gemm
 from facm_ext.reference.mlp import ACTIVATIONS
-
-TRITON_DTYPES = (torch.float16, torch.bfloat16)
 
 register_op_info(OpInfo(
     name="mlp_jvp",
@@ -125,7 +122,7 @@ def _mlp_jvp_op(x: torch.Tensor, tx: Optional[torch.Tensor], w1: torch.Tensor, b
     save_for_backward: keep the primal pre-activation for the backward (else the backward recomputes it)."""
     lead = x.shape[:-1]
     with torch.autocast(x.device.type, enabled=False):
-        if x.numel() > 0 and use_triton(x, tx, w1, b1, w2, b2, dtypes=TRITON_DTYPES):
+        if x.numel() > 0 and use_dual_gemm(x, tx, w1, b1, w2, b2):
             from facm_ext.kernels.mlp_jvp_triton import dual_gemm
 
             x2 = x.reshape(-1, x.shape[-1])
