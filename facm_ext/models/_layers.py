@@ -26,7 +26,8 @@ class RMSNorm(nn.Module):
     """RMSNorm with a learned weight, normalized in float32 (as LightningDiT's Llama-style RMSNorm).
 
     forward(x [..., dim] any float dtype) -> [..., dim]: ``(x / sqrt(mean(x^2) + eps)).to(x.dtype) * weight``.
-    The statistics are computed in float32 (float64 for float64 input) so bf16/fp16 inputs do not lose precision in the reduction.
+    The statistics are computed in float32 (float64 for float64 input) so bf16/fp16 inputs do not lose precision
+    in the reduction.
     """
 
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -82,7 +83,8 @@ class TimestepEmbedder(nn.Module):
 
     @staticmethod
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-        """t [B] float -> [B, dim] float32 (float64 for float64 t) features ``[cos(t * f_i), sin(t * f_i)]``, f_i = max_period^(-i/half)."""
+        """t [B] float -> [B, dim] float32 (float64 for float64 t) features ``[cos(t * f_i), sin(t * f_i)]``,
+        f_i = max_period^(-i/half)."""
         half = dim // 2
         # float32 as officially; float64 times stay float64 so float64 references are exact.
         compute_dtype = torch.promote_types(t.dtype, torch.float32) if t.is_floating_point() else torch.float32

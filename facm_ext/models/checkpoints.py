@@ -25,7 +25,8 @@ def _read(path_or_state_dict, trust_pickle: bool) -> Mapping:
         return path_or_state_dict
     if not isinstance(path_or_state_dict, (str, os.PathLike)):
         raise ValueError(
-            f"path_or_state_dict: expected a file path or a state dict (Mapping), got {type(path_or_state_dict).__name__}"
+            "path_or_state_dict: expected a file path or a state dict (Mapping), "
+            f"got {type(path_or_state_dict).__name__}"
         )
     path = os.fspath(path_or_state_dict)
     if not os.path.isfile(path):

@@ -154,7 +154,8 @@ class DiT(nn.Module):
 
     def head(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """(tokens [B, L, hidden], c [B, hidden]) -> [B, out_channels, H, W]; the part after the blocks."""
-        return unpatchify(self.final_layer(tokens, c), self.patch_size, self.out_channels, self.grid_size, self.grid_size)
+        grid = self.grid_size
+        return unpatchify(self.final_layer(tokens, c), self.patch_size, self.out_channels, grid, grid)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         tokens, c = self.embed(x, t, y)

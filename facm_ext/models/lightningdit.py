@@ -42,7 +42,9 @@ def rotate_half_interleaved(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-x_odd, x_even), dim=-1).flatten(-2)
 
 
-def rope_2d_tables(head_dim: int, grid_size: int, theta: float = 10000.0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_2d_tables(
+    head_dim: int, grid_size: int, theta: float = 10000.0, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """EVA-style 2D RoPE tables (LightningDiT's ``VisionRotaryEmbeddingFast(dim=head_dim // 2, pt_seq_len=grid)``).
 
     Returns (cos, sin), each [grid_size**2, head_dim] float32, tokens in row-major (h, w) order. Channels
@@ -315,7 +317,8 @@ class LightningDiT(nn.Module):
 
     def head(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """(tokens [B, L, hidden], c [B, hidden]) -> output [B, in_channels, H, W]; the part after the blocks."""
-        out = unpatchify(self.final_layer(tokens, c), self.patch_size, self.out_channels, self.grid_size, self.grid_size)
+        grid = self.grid_size
+        out = unpatchify(self.final_layer(tokens, c), self.patch_size, self.out_channels, grid, grid)
         if self.learn_sigma:
             out, _ = out.chunk(2, dim=1)
         return out

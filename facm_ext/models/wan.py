@@ -289,7 +289,8 @@ def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"dim: expected an even number, got {dim}")
     half = dim // 2
     position = position.to(torch.float64)
-    sinusoid = torch.outer(position, torch.pow(10000, -torch.arange(half, device=position.device).to(position).div(half)))
+    exponents = torch.arange(half, device=position.device).to(position).div(half)
+    sinusoid = torch.outer(position, torch.pow(10000, -exponents))
     return torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1)
 
 
