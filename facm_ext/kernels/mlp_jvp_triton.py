@@ -32,13 +32,14 @@ def _configs(four_accumulators: bool) -> list:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         # The interpreter runs every program in Python: one small config, no tuning.
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps); the first entry is the untuned choice for small problems.
     if four_accumulators:
         # Four fp32 accumulators per program: keep BLOCK_M * BLOCK_N * 4 / threads <= 128 registers.
-        shapes = [(128, 64, 64, 3, 8), (128, 64, 64, 4, 8), (64, 128, 64, 3, 8), (64, 128, 64, 4, 8),
-                  (64, 64, 64, 4, 4), (128, 64, 32, 5, 8)]
+        shapes = [(64, 64, 64, 4, 4), (128, 64, 64, 3, 8), (128, 64, 64, 4, 8), (64, 128, 64, 3, 8),
+                  (64, 128, 64, 4, 8), (128, 64, 32, 5, 8)]
     else:
-        shapes = [(128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (64, 256, 64, 3, 8), (64, 256, 64, 4, 8),
-                  (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 5, 8)]
+        shapes = [(64, 128, 64, 4, 4), (128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (64, 256, 64, 3, 8),
+                  (64, 256, 64, 4, 8), (128, 64, 64, 4, 4), (128, 128, 32, 5, 8)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages,
                           num_warps=warps) for bm, bn, bk, stages, warps in shapes]
 
@@ -149,10 +150,22 @@ def _dual_gemm_kernel(
         tl.store(tout_ptrs, tout.to(tout_ptr.dtype.element_ty), mask=mask)
 
 
+# Problems below this many multiply-adds (tests, tiny layers) run the first config untuned: tuning them would cost
+# one compilation per config and shape specialization for no measurable gain.
+_TUNE_MIN_MACS = 2**31
+
+
+def _prune_small_problems(configs, named_args, **kwargs):
+    if named_args["M"] * named_args["N"] * named_args["K"] < _TUNE_MIN_MACS:
+        return configs[:1]
+    return configs
+
+
 _KEY = ["M", "N", "K", "ACTIVATION", "HAS_TANGENT", "STORE_PRE"]
+_PRUNE = {"early_config_prune": _prune_small_problems}
 _even_k_kernel = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_dual_gemm_kernel)
-_dual_gemm_2acc = triton.autotune(configs=_configs(False), key=_KEY)(_even_k_kernel)
-_dual_gemm_4acc = triton.autotune(configs=_configs(True), key=_KEY)(_even_k_kernel)
+_dual_gemm_2acc = triton.autotune(configs=_configs(False), key=_KEY, prune_configs_by=_PRUNE)(_even_k_kernel)
+_dual_gemm_4acc = triton.autotune(configs=_configs(True), key=_KEY, prune_configs_by=_PRUNE)(_even_k_kernel)
 
 
 def dual_gemm(x: torch.Tensor, tx: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, *,
