@@ -64,7 +64,7 @@ register_op_info(OpInfo(
 ))
 register_op_info(OpInfo(name="gelu_jvp", backends={"cuda": _CUDA_WHEN, "reference": _REFERENCE_WHEN},
                         kernel="gelu_jvp_cuda",
-                        notes="tanh form: one tanh for primal and tangent (SFU tanh.approx for 16-bit dtypes)"))
+                        notes="tanh form: one tanh for primal and tangent (SFU tanh.approx for bf16)"))
 register_op_info(OpInfo(name="silu_jvp", backends={"cuda": _CUDA_WHEN, "reference": _REFERENCE_WHEN},
                         kernel="silu_jvp_cuda"))
 register_op_info(OpInfo(name="swiglu_jvp", backends={"cuda": _CUDA_WHEN, "reference": _REFERENCE_WHEN},
@@ -78,8 +78,7 @@ def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
 
 def _empty_pair(like: torch.Tensor, dtype: Optional[torch.dtype] = None):
     dtype = dtype or like.dtype
-    return (like.new_empty(like.shape, dtype=dtype, memory_format=torch.contiguous_format),
-            like.new_empty(like.shape, dtype=dtype, memory_format=torch.contiguous_format))
+    return like.new_empty(like.shape, dtype=dtype), like.new_empty(like.shape, dtype=dtype)  # contiguous
 
 
 def _check_tangent_dtype(name: str, tangent, primal_name: str, primal: torch.Tensor) -> None:

@@ -89,8 +89,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: 
 def _kernel_fakes_registered() -> None:
     @torch.library.register_fake("facm_ext::rope_jvp_cuda")
     def _(x, tx, cos, sin, interleaved, layout):
-        return (x.new_empty(x.shape, memory_format=torch.contiguous_format),
-                x.new_empty(x.shape, memory_format=torch.contiguous_format))
+        return x.new_empty(x.shape), x.new_empty(x.shape)  # contiguous
 
 
 if _extension.has_kernel("rope_jvp_cuda"):
@@ -113,8 +112,7 @@ def _rope_jvp_op(x: torch.Tensor, tx: Optional[torch.Tensor], cos: torch.Tensor,
 
 @_rope_jvp_op.register_fake
 def _(x, tx, cos, sin, interleaved, layout):
-    return (x.new_empty(x.shape, memory_format=torch.contiguous_format),
-            x.new_empty(x.shape, memory_format=torch.contiguous_format))
+    return x.new_empty(x.shape), x.new_empty(x.shape)  # contiguous
 
 
 def _rope_setup(ctx, inputs, output):
