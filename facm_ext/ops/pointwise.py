@@ -108,8 +108,8 @@ def _silu_and_derivative(x: torch.Tensor):
 
 def _kernel_fakes_registered() -> None:
     """Fake implementations of the compiled kernel ops (outputs: contiguous, the first input's shape and dtype)."""
-    def pair_like(t, *rest):
-        return _empty_pair(t)
+    def pair_like(first, *args, **kwargs):
+        return _empty_pair(first)
 
     for name in ("gelu_jvp_cuda", "silu_jvp_cuda", "swiglu_jvp_cuda", "gated_residual_jvp_cuda"):
         torch.library.register_fake(f"facm_ext::{name}")(pair_like)
