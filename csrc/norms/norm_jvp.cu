@@ -3,7 +3,7 @@
 // warp for short rows such as qk-norm's 72 channels, or a whole block of up to 512 threads for 1152 / 5120
 // channels), each thread holding ITEMS vectors of VEC elements of x and x'. One read of every input, one write
 // of every output. Reductions are in fp32 with a fixed order (deterministic).
-#include "norms/norm_jvp.h"
+#include "norm_jvp.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

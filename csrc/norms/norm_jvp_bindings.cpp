@@ -10,7 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "norms/norm_jvp.h"
+#include "norm_jvp.h"
 
 namespace facm_ext::norms {
 namespace {
