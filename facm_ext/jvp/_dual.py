@@ -263,26 +263,106 @@ def _is_inplace(func, kwargs) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------ dispatch
+class _FlatSpec:
+    """Spec of a call whose positional args are flat (no containers) and whose kwargs hold no tensors: the
+    common case, rebuilt without pytree."""
+
+    __slots__ = ("kwargs",)
+
+    def __init__(self, kwargs: dict):
+        self.kwargs = kwargs
+
+
+def _flatten_call(args: tuple, kwargs: dict):
+    """(flat values, spec) of a call; pytree only when some argument is a container or a kwarg is a tensor."""
+    for a in args:
+        if type(a) in (list, tuple, dict):
+            return tree_flatten((args, kwargs))
+    for v in kwargs.values():
+        if isinstance(v, (torch.Tensor, list, tuple, dict)):
+            return tree_flatten((args, kwargs))
+    return list(args), _FlatSpec(kwargs)
+
+
+def _rebuild(values: list, spec) -> tuple[tuple, dict]:
+    if type(spec) is _FlatSpec:
+        return tuple(values), spec.kwargs
+    return tree_unflatten(values, spec)
+
+
+def _flatten_out(out):
+    """(leaves, rebuild) of an op's output, fast for a tensor or a flat tuple/list of tensors."""
+    if type(out) in (tuple, list) and all(isinstance(o, torch.Tensor) for o in out):
+        return list(out), type(out)
+    leaves, spec = tree_flatten(out)
+    return leaves, spec
+
+
+def _unflatten_out(leaves: list, how):
+    if how is tuple or how is list:
+        return how(leaves)
+    return tree_unflatten(leaves, how)
+
+
+_KIND_CACHE: dict = {}
+
+
+def _classify(func) -> tuple[str, str]:
+    """(kind, name) of a torch function, cached: how its tangent is computed."""
+    try:
+        return _KIND_CACHE[func]
+    except (KeyError, TypeError):
+        pass
+    name = _name(func)
+    if name == "__get__":
+        prop = getattr(getattr(func, "__self__", None), "__name__", "")
+        kind = "view" if prop in _VIEW_NAMES else "meta"
+        name = prop
+    elif name in _NO_TANGENT_NAMES:
+        kind = "meta"
+    elif _is_inplace(func, {}):
+        kind = "inplace"
+    elif name in _VIEW_NAMES:
+        kind = "view"
+    elif name in _LINEAR_FIRST_NAMES:
+        kind = "linear_first"
+    elif name in _ADD_SUB_NAMES:
+        kind = "add_sub"
+    elif name in _JOINTLY_LINEAR_NAMES or name == "where":
+        kind = "joint"
+    elif name in _MULTILINEAR_NAMES:
+        kind = "multilinear"
+    elif name in ("div", "__truediv__", "true_divide", "divide"):
+        kind = "div"
+    elif name == "__rtruediv__":
+        kind = "rtruediv"
+    elif name in ("pow", "__pow__"):
+        kind = "pow"
+    elif name in _UNARY_DERIVATIVES:
+        kind = "unary"
+    elif name in ("masked_fill", "pad"):
+        kind = name
+    else:
+        kind = "generic"
+    try:
+        _KIND_CACHE[func] = (kind, name)
+    except TypeError:
+        pass
+    return kind, name
+
+
 def dispatch(func, args: tuple, kwargs: dict):
     """The transform's handler for one torch function called with dual arguments."""
-    name = _name(func)
-    if name == "__get__" or name in _NO_TANGENT_NAMES:
-        if name == "__get__" and getattr(getattr(func, "__self__", None), "__name__", "") in _VIEW_NAMES:
-            pass  # .T / .mT / .real / .imag are views: handled below
-        else:
-            with DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
     rule = FUSED_FUNCTION_RULES.get(func)
     if rule is not None:
         out = rule(args, kwargs)
         if out is not NotImplemented:
             return out
+        return fallback(func, args, kwargs)
+    if _classify(func)[0] == "meta":
+        with DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
     return fallback(func, args, kwargs)
-
-
-def _flat_duals(flat: list) -> tuple[list[int], bool]:
-    idx = [i for i, a in enumerate(flat) if type(a) is DualTensor]
-    return idx, any(flat[i]._facm_tangent is not None for i in idx)
 
 
 def fallback(func, args: tuple, kwargs: dict, *, tangent_context: Optional[Callable] = None,
@@ -293,83 +373,108 @@ def fallback(func, args: tuple, kwargs: dict, *, tangent_context: Optional[Calla
     backend, the only one with a forward-mode rule). what/reason: the report's name for the call and why a fused
     rule did not take it.
     """
-    flat, spec = tree_flatten((args, kwargs))
-    dual_idx, any_tangent = _flat_duals(flat)
-    if not any_tangent:
+    flat, spec = _flatten_call(args, kwargs)
+    dual_idx = [i for i, a in enumerate(flat) if type(a) is DualTensor]
+    if not any(flat[i]._facm_tangent is not None for i in dual_idx):
         with DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
-    if _is_inplace(func, kwargs):
+    kind, name = _classify(func)
+    if kind == "inplace" or kwargs.get("inplace") is True or kwargs.get("out") is not None:
         return _inplace(func, args, kwargs, flat, spec, dual_idx)
-    name = _name(func)
-    if name == "__get__":
-        name = getattr(getattr(func, "__self__", None), "__name__", "")
-    first_dual = type(args[0]) is DualTensor if args else False
+    if STATE.report is not None:
+        record_fallback(what or func_name(func), reason)
 
     with DisableTorchFunctionSubclass():
         out = func(*args, **kwargs)
-    out_flat, out_spec = tree_flatten(out)
-    diff_positions = [i for i, o in enumerate(out_flat)
-                      if isinstance(o, torch.Tensor) and _is_differentiable_dtype(o)]
-    if not diff_positions:
-        return out
+    if type(out) is torch.Tensor:
+        if not _is_differentiable_dtype(out):
+            return out
+        out_flat, how, diff_positions = [out], None, [0]
+    else:
+        out_flat, how = _flatten_out(out)
+        diff_positions = [i for i, o in enumerate(out_flat)
+                          if isinstance(o, torch.Tensor) and _is_differentiable_dtype(o)]
+        if not diff_positions:
+            return out
 
+    first_dual = bool(args) and type(args[0]) is DualTensor
     tangents_flat: Optional[list] = None
     with torch.no_grad(), DisableTorchFunctionSubclass():
-        if name in _LINEAR_FIRST_NAMES and first_dual and all(i == 0 or not _carries_tangent(flat[i]) for i in dual_idx):
-            t_self = args[0]._facm_tangent
-            t_out = func(t_self, *args[1:], **kwargs)
-            tangents_flat = tree_flatten(t_out)[0]
-            record_fallback(what or func_name(func), reason)
-        elif name in _ADD_SUB_NAMES:
+        if kind in ("view", "linear_first"):
+            if first_dual and all(i == 0 or flat[i]._facm_tangent is None for i in dual_idx):
+                tangents_flat = _as_list(func(args[0]._facm_tangent, *args[1:], **kwargs))
+        elif kind == "add_sub":
             tangents_flat = [_add_sub_tangent(name, args, kwargs)]
-            record_fallback(what or func_name(func), reason)
-        elif name == "masked_fill" and first_dual and not _carries_tangent(args[2] if len(args) > 2 else None):
-            mask = args[1] if len(args) > 1 else kwargs["mask"]
-            tangents_flat = [args[0]._facm_tangent.masked_fill(mask, 0)]
-            record_fallback(what or func_name(func), reason)
-        elif name == "pad" and first_dual:
-            pad_args = _pad_arguments(args, kwargs)
-            if pad_args[2] == "constant":
-                tangents_flat = [func(args[0]._facm_tangent, pad_args[1], mode="constant", value=0.0)]
-            else:
-                tangents_flat = [func(args[0]._facm_tangent, pad_args[1], mode=pad_args[2])]
-            record_fallback(what or func_name(func), reason)
-        elif name in _JOINTLY_LINEAR_NAMES or name in _MULTILINEAR_NAMES or name == "where":
+        elif kind in ("joint", "multilinear"):
             tangents_flat = _linear_combination_tangent(func, name, flat, spec, dual_idx)
-            record_fallback(what or func_name(func), reason)
-        elif name in ("div", "__truediv__", "true_divide", "divide") and "rounding_mode" not in kwargs:
-            tangents_flat = [_div_tangent(args, out)]
-            record_fallback(what or func_name(func), reason)
-        elif name == "__rtruediv__":
-            # scalar / x: d = -scalar * t / x^2 = -out * t / x
-            x = args[0]
+        elif kind == "div":
+            if "rounding_mode" not in kwargs and len(args) == 2:
+                tangents_flat = [_div_tangent(args, out)]
+        elif kind == "rtruediv":
+            x = args[0]  # scalar / x: the tangent is -scalar t / x^2 = -out t / x
             tangents_flat = [-(out * x._facm_tangent) / x]
-            record_fallback(what or func_name(func), reason)
-        elif name in ("pow", "__pow__") and first_dual and isinstance(args[1], (int, float)) and len(args) == 2:
-            x, exponent = args
-            tangents_flat = [exponent * x.pow(exponent - 1) * x._facm_tangent]
-            record_fallback(what or func_name(func), reason)
-        elif name in _UNARY_DERIVATIVES and first_dual and len(args) == 1 and not kwargs:
-            x = args[0]
-            tangents_flat = [_UNARY_DERIVATIVES[name](x, out) * x._facm_tangent]
-            record_fallback(what or func_name(func), reason)
+        elif kind == "pow":
+            if first_dual and len(args) == 2 and type(args[1]) in (int, float) and not kwargs:
+                x, exponent = args
+                tangents_flat = [exponent * x.pow(exponent - 1) * x._facm_tangent]
+        elif kind == "unary":
+            if first_dual and len(args) == 1 and not kwargs:
+                x = args[0]
+                tangents_flat = [_UNARY_DERIVATIVES[name](x, out) * x._facm_tangent]
+        elif kind == "masked_fill":
+            value = args[2] if len(args) > 2 else kwargs.get("value")
+            if first_dual and not _carries_tangent(value):
+                mask = args[1] if len(args) > 1 else kwargs["mask"]
+                tangents_flat = [args[0]._facm_tangent.masked_fill(mask, 0)]
+        elif kind == "pad":
+            if first_dual:
+                _, pad, mode = _pad_arguments(args, kwargs)
+                if mode == "constant":
+                    tangents_flat = [func(args[0]._facm_tangent, pad, mode="constant", value=0.0)]
+                else:
+                    tangents_flat = [func(args[0]._facm_tangent, pad, mode=mode)]
     if tangents_flat is None:
         tangents_flat = _functorch_tangent(func, flat, spec, dual_idx, out_flat, diff_positions, tangent_context)
-        record_fallback(what or func_name(func), reason)
 
+    is_view = kind == "view"
+    if how is None:
+        tangent = tangents_flat[0]
+        result = _wrap(out, tangent if isinstance(tangent, torch.Tensor) else None)
+        if is_view:
+            result._facm_shares_memory = True
+            for i in dual_idx:
+                flat[i]._facm_shares_memory = True
+        return result
     result = list(out_flat)
-    is_view = name in _VIEW_NAMES
     for i in diff_positions:
         tangent = tangents_flat[i] if i < len(tangents_flat) else None
-        if not isinstance(tangent, torch.Tensor):
-            tangent = None
-        result[i] = make_dual(out_flat[i], tangent)
+        result[i] = _wrap(out_flat[i], tangent if isinstance(tangent, torch.Tensor) else None)
         if is_view:
             result[i]._facm_shares_memory = True
     if is_view:
         for i in dual_idx:
             flat[i]._facm_shares_memory = True
-    return tree_unflatten(result, out_spec)
+    return _unflatten_out(result, how)
+
+
+def _as_list(out) -> list:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return _flatten_out(out)[0]
+
+
+def _wrap(primal: torch.Tensor, tangent: Optional[torch.Tensor]) -> "DualTensor":
+    """make_dual without argument checks, for the transform's own outputs (primal plain, tangent graph-free)."""
+    if tangent is not None:
+        if tangent.dtype != primal.dtype:
+            tangent = tangent.to(primal.dtype)
+        if tangent.shape != primal.shape:
+            tangent = tangent.expand(primal.shape)
+    with DisableTorchFunctionSubclass():
+        dual = primal.as_subclass(DualTensor)
+    dual._facm_tangent = tangent
+    dual._facm_shares_memory = False
+    return dual
 
 
 def _pad_arguments(args: tuple, kwargs: dict) -> tuple:
@@ -413,14 +518,13 @@ def _linear_combination_tangent(func, name: str, flat: list, spec, dual_idx: lis
                 vals[i] = t
             elif isinstance(a, (int, float, complex)) and not isinstance(a, bool) and name == "where":
                 vals[i] = 0  # a scalar branch of where is a constant: its tangent is zero
-        a, k = tree_unflatten(vals, spec)
-        t_out = func(*a, **k)
-        return tree_flatten(t_out)[0]
+        a, k = _rebuild(vals, spec)
+        return _as_list(func(*a, **k))
     total = None
     for i in dual_idx:
         if flat[i]._facm_tangent is None:
             continue
-        a, k = tree_unflatten(_zero_tangent_args(flat, i), spec)
+        a, k = _rebuild(_zero_tangent_args(flat, i), spec)
         part = func(*a, **k)
         total = part if total is None else total + part
     return [total]
@@ -482,9 +586,9 @@ def _functorch_tangent(func, flat: list, spec, dual_idx: list, out_flat: list, d
         vals = list(base)
         for i, v in zip(live, values):
             vals[i] = v
-        a, k = tree_unflatten(vals, spec)
+        a, k = _rebuild(vals, spec)
         out = func(*a, **k)
-        leaves = tree_flatten(out)[0]
+        leaves = _as_list(out)
         return tuple(leaves[i] for i in diff_positions)
 
     if tangent_context is not None:
@@ -541,7 +645,7 @@ def _inplace(func, args: tuple, kwargs: dict, flat: list, spec, dual_idx: list):
                                         "out-of-place form")
             snapshot = list(flat)
             snapshot[0] = make_dual(target.as_subclass(torch.Tensor).clone(), target._facm_tangent)
-            a, k = tree_unflatten(snapshot, spec)
+            a, k = _rebuild(snapshot, spec)
             if "inplace" in k:
                 k = dict(k, inplace=False)
             result = dispatch(out_of_place, a, k)

@@ -215,12 +215,15 @@ def _close(out, ref: torch.Tensor) -> bool:
     return diff <= tol * max(ref.double().norm().item(), 1e-12)
 
 
-def _run_plain(module: nn.Module, x: torch.Tensor):
-    """The module's forward on a plain probe input, with the transform inactive, no grad and no autocast."""
+def _run_plain(module: nn.Module, *inputs: torch.Tensor):
+    """The module's forward on plain probe inputs, with the transform inactive, no grad and no autocast; None when
+    the forward rejects them (then the module is not the pattern being probed)."""
     depth, STATE.depth = STATE.depth, 0
     try:
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            return module.forward(x)
+        with torch.no_grad(), torch.autocast(inputs[0].device.type, enabled=False):
+            return module.forward(*inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError):
+        return None
     finally:
         STATE.depth = depth
 
@@ -280,6 +283,9 @@ def _recognize(module: nn.Module):
     rms = _rms_norm_like(module)
     if rms is not None:
         return rms
+    rope = _rope_like(module)
+    if rope is not None:
+        return rope
     return _NOT_A_PATTERN
 
 
@@ -360,6 +366,108 @@ def _rms_norm_like(module: nn.Module):
         return make_dual(*result)
 
     return rms_norm_rule
+
+
+def _rope_reference(x, cos, sin, interleaved: bool):
+    from facm_ext.reference.rope import rope
+
+    return rope(x, cos, sin, interleaved=interleaved)
+
+
+def _rope_like(module: nn.Module):
+    """A rope_jvp rule for a verified rotary-embedding module, or None. Two forms, both without parameters:
+    ``forward(x)`` with two [L, D] or [L, D/2] float buffers as the cos/sin tables (LightningDiT's
+    VisionRotaryEmbedding2D), or ``forward(x, cos, sin)`` with the tables as arguments (Wan's InterleavedRoPE).
+    Verified on a probe for each table assignment and pair convention; the output-dtype rule is probed too."""
+    if module._parameters or any(True for _ in module.children()):
+        return None
+    buffers = [(name, b) for name, b in module.named_buffers(recurse=False) if b is not None]
+    if len(buffers) == 2:
+        (_, first), (_, second) = buffers
+        if first.shape != second.shape or first.dim() != 2 or not first.is_floating_point():
+            return None
+        tokens, width = first.shape
+        table_dtype = first.dtype
+        device = first.device
+        candidates = [(order, interleaved) for order in ((0, 1), (1, 0)) for interleaved in (True, False)]
+        for head_dim in ({width, 2 * width}):
+            x = _probe_input(2 * tokens, head_dim, first).reshape(1, 2, tokens, head_dim)
+            out = _run_plain(module, x)
+            for order, interleaved in candidates:
+                cos, sin = (first, second) if order == (0, 1) else (second, first)
+                if _close(out, _rope_reference(x, cos, sin, interleaved)):
+                    return _make_rope_rule(module, "buffers", order, interleaved, table_dtype, device)
+        return None
+    if buffers:
+        return None
+    # forward(x, cos, sin): probe with small random-looking tables.
+    try:
+        import inspect
+
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if len(parameters) != 3 or any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters):
+        return None
+    like = torch.empty(0)
+    tokens, head_dim = 3, 8
+    x = _probe_input(2 * tokens, head_dim, like).reshape(1, 2, tokens, head_dim)
+    cos = _probe_input(tokens, head_dim, like) * 0.5
+    sin = _probe_input(tokens, head_dim, like).flip(0) * 0.7
+    out = _run_plain(module, x, cos, sin)
+    for interleaved in (True, False):
+        if _close(out, _rope_reference(x, cos, sin, interleaved)):
+            return _make_rope_rule(module, "arguments", (0, 1), interleaved, None, None)
+    return None
+
+
+def _make_rope_rule(module: nn.Module, source: str, order, interleaved: bool, table_dtype, device):
+    """The rope_jvp rule; its output dtype follows the module's own rule, probed here (x's dtype, or x promoted
+    with the tables')."""
+    if source == "buffers":
+        first = dict(module.named_buffers(recurse=False))
+        names = list(first)
+        tokens, width = first[names[0]].shape
+        head_dim = width
+        other = torch.bfloat16 if table_dtype != torch.bfloat16 else torch.float32
+        out = _run_plain(module, _probe_input(2 * tokens, head_dim, first[names[0]], dtype=other)
+                         .reshape(1, 2, tokens, head_dim))
+        promote = isinstance(out, torch.Tensor) and out.dtype == torch.promote_types(other, table_dtype)
+        cos_name, sin_name = (names[0], names[1]) if order == (0, 1) else (names[1], names[0])
+    else:
+        like = torch.empty(0)
+        x = _probe_input(6, 8, like, dtype=torch.bfloat16).reshape(1, 2, 3, 8)
+        tables = _probe_input(3, 8, like)
+        out = _run_plain(module, x, tables, tables)
+        promote = isinstance(out, torch.Tensor) and out.dtype == torch.float32
+        cos_name = sin_name = None
+    module_ref = weakref.ref(module)
+
+    def rope_rule(mod, args, kwargs):
+        if kwargs or module_ref() is not mod:
+            return NotImplemented
+        if source == "buffers":
+            if len(args) != 1:
+                return NotImplemented
+            cos, sin = getattr(mod, cos_name), getattr(mod, sin_name)
+        else:
+            if len(args) != 3 or _carries_tangent(args[1]) or _carries_tangent(args[2]):
+                return NotImplemented
+            cos, sin = split_dual(args[1])[0], split_dual(args[2])[0]
+        x_p, x_t = split_dual(args[0])
+        if x_t is None or x_p.dim() != 4 or cos.dim() != 2 or cos.shape[0] != x_p.shape[2]:
+            return NotImplemented
+        out_dtype = torch.promote_types(x_p.dtype, cos.dtype) if promote else x_p.dtype
+        if x_p.dtype != out_dtype:
+            x_p, x_t = x_p.to(out_dtype), x_t.to(out_dtype)
+        what = f"{type(mod).__name__} (RoPE-like)"
+        result, why = call_op("rope_jvp", what, x_p, x_t, cos, sin, interleaved=interleaved, layout="BHLD")
+        if result is None:
+            record_fallback(what, why)
+            return NotImplemented
+        return make_dual(*result)
+
+    return rope_rule
 
 
 __all__ = ["install", "intercept_module_call", "register_jvp_rule", "register_module_call_handler",
