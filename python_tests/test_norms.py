@@ -475,7 +475,8 @@ def test_cuda_kernel_misaligned_views(dtype, c, op):
 @pytest.mark.parametrize("shape", [(1, 1, 72), (1, 1, 5120), (4, 1, 1152), (1, 1, 1), (2, 3, 3), (1, 4096, 128)])
 def test_cuda_kernel_small_and_edge_shapes(dtype, shape):
     _gpu_case("adaln_layer", dtype, shape)
-    _gpu_case("rms", dtype, shape)
+    if shape[-1] > 1:  # RMSNorm of one channel is +-1 and its tangent ~eps/x^2: ill-conditioned in any precision
+        _gpu_case("rms", dtype, shape)
 
 
 @requires_cuda
