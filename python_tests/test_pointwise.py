@@ -420,7 +420,7 @@ def test_cuda_gradients_and_opcheck():
 
 
 @requires_cuda
-def test_cuda_kernel_agrees_with_reference_backend_at_scale(monkeypatch):
+def test_cuda_large_kernel_agrees_with_reference_backend(monkeypatch):
     """The kernel and the PyTorch path agree on large random fp32 tensors (guards index arithmetic at scale)."""
     x = rand(4, 1000, 1152, device="cuda")
     tx = rand(4, 1000, 1152, device="cuda")
@@ -429,3 +429,16 @@ def test_cuda_kernel_agrees_with_reference_backend_at_scale(monkeypatch):
     ry, rty = gelu_jvp(x, tx)
     assert_rel_close(y, ry, torch.float32, what="gelu primal vs reference backend")
     assert_rel_close(ty, rty, torch.float32, what="gelu tangent vs reference backend")
+
+
+@requires_cuda
+def test_cuda_large_64bit_index():
+    """More than 2^31 elements selects the 64-bit index instantiation: a broadcast (stride-0) input keeps the
+    inputs small; every row of the output must equal the small 32-bit-index result bit for bit."""
+    width, rows = 1024, (2**31) // 1024 + 3
+    x_row = rand(1, 1, width, dtype=torch.bfloat16, device="cuda", scale=3.0)
+    t_row = rand(1, 1, width, dtype=torch.bfloat16, device="cuda")
+    small_y, small_ty = silu_jvp(x_row, t_row)
+    y, ty = silu_jvp(x_row.expand(1, rows, width), t_row.expand(1, rows, width))
+    assert y.numel() > 2**31
+    assert torch.equal(y, small_y.expand_as(y)) and torch.equal(ty, small_ty.expand_as(ty))

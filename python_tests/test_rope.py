@@ -261,3 +261,17 @@ def test_cuda_rope_bf16_tables_and_opcheck():
     a = rand(2, 3, 5, 8, device="cuda")
     c, s = tables(5, 8, "pair", device="cuda")
     torch.library.opcheck(torch.ops.facm_ext.rope_jvp_cuda.default, (a, a, c, s, True, "BHLD"))
+
+
+@requires_cuda
+def test_cuda_large_64bit_index():
+    """More than 2^31 work elements selects the 64-bit index instantiation (inputs broadcast over the batch)."""
+    tokens, head_dim = 16, 128
+    batch = (2**31) // (tokens * head_dim) + 1
+    x_one = rand(1, 1, tokens, head_dim, dtype=torch.bfloat16, device="cuda")
+    cos, sin = tables(tokens, head_dim, "pair", device="cuda")
+    small_out, small_tout = rope_jvp(x_one, x_one, cos, sin, layout="BHLD")
+    big = x_one.expand(batch, 1, tokens, head_dim)
+    out, tout = rope_jvp(big, big, cos, sin, layout="BHLD")
+    assert out.numel() > 2**31
+    assert torch.equal(out, small_out.expand_as(out)) and torch.equal(tout, small_tout.expand_as(tout))
