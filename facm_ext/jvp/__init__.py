@@ -13,13 +13,14 @@ tangent). Recognized functions and modules go to the fused ops of facm_ext.ops (
 GELU, SiLU, MLP patterns, RMSNorm-like modules, user rules); every other op uses PyTorch's own forward-mode rule
 for that op. ``report=True`` says which ran fused and which fell back.
 
-torch.compile: the transform is excluded from dynamo tracing (``torch.compiler.disable``): inside a compiled
+torch.compile: the transform is excluded from dynamo tracing (like ``torch.compiler.disable``): inside a compiled
 function, a call of facm_ext.jvp is a graph break and runs eagerly, the fused ops being the compiled kernels of
 facm_ext.ops; ``fullgraph=True`` around a facm_ext.jvp call therefore fails. Compile the surrounding step (loss,
 optimizer) instead, or the model's non-JVP forwards.
 
 For the chain runtime: :func:`make_dual`, :func:`split_dual`, :func:`register_module_call_handler`,
-:func:`is_active`.
+:func:`is_active`. Once FSDP2 is imported, the first call imports facm_ext.chain, which registers its FSDP2
+module-call handler, so ``facm_ext.jvp(fsdp2_model, ...)`` streams through the fully_shard units.
 """
 
 from __future__ import annotations
@@ -115,7 +116,34 @@ def _strip_duals(value):
     return tree_map(lambda v: split_dual(v)[0] if type(v) is DualTensor else v, value)
 
 
-@torch.compiler.disable
+def _exclude_from_dynamo(fn):
+    """torch.compiler.disable, applied lazily (torch._disable_dynamo imports dynamo at the first call, not at
+    import: importing torch._dynamo costs seconds)."""
+    lazy = getattr(torch, "_disable_dynamo", None)
+    return lazy(fn) if lazy is not None else torch.compiler.disable(fn)
+
+
+_FSDP2_MODULE = "torch.distributed.fsdp._fully_shard._fully_shard"
+_chain_handler_registered = False
+
+
+def _register_chain_handler_if_fsdp2() -> None:
+    """Import facm_ext.chain (whose import registers its FSDP2 module-call handler) once FSDP2 is in use, so
+    facm_ext.jvp streams through fully_shard units without the caller importing facm_ext.chain. Without that
+    handler, FSDP2's autograd hooks would not see the graph through dual values (missing gradients)."""
+    global _chain_handler_registered
+    if _chain_handler_registered or _FSDP2_MODULE not in sys.modules:
+        return
+    fully_shard_module = sys.modules[_FSDP2_MODULE]
+    fsdp_module_type = getattr(fully_shard_module, "FSDPModule", None)
+    if fsdp_module_type is None:
+        return
+    import facm_ext.chain  # noqa: F401  (registers the handler)
+
+    _chain_handler_registered = True
+
+
+@_exclude_from_dynamo
 def jvp(func: Callable, primals: tuple, tangents: tuple, *, has_aux: bool = False,
         report: Union[bool, JVPReport] = False):
     """Primal output and Jacobian-vector product of ``func`` at ``primals`` along ``tangents``.
@@ -142,6 +170,7 @@ def jvp(func: Callable, primals: tuple, tangents: tuple, *, has_aux: bool = Fals
     if not isinstance(report, (bool, JVPReport)):
         raise ValueError(f"report: expected a bool or a JVPReport, got {type(report).__name__}")
     primal_leaves, tangent_leaves, spec = _check_inputs(primals, tangents)
+    _register_chain_handler_if_fsdp2()
     record = report if isinstance(report, JVPReport) else (JVPReport() if report else None)
 
     previous_report = STATE.report
