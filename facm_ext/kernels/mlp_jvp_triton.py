@@ -51,13 +51,43 @@ def _tanh(x):
 
 
 @triton.jit
+def _k_step(x_ptrs, tx_ptrs, w_ptrs, g_ptrs, offs_k, k_left, acc, tacc, gacc, tgacc,
+            ACTIVATION: tl.constexpr, HAS_TANGENT: tl.constexpr, EVEN_K: tl.constexpr,
+            INPUT_PRECISION: tl.constexpr):
+    """One BLOCK_K step: the W tile (and the gate tile for SwiGLU) feeds the primal and the tangent accumulators."""
+    if EVEN_K:
+        x_tile = tl.load(x_ptrs)
+        w_tile = tl.load(w_ptrs)
+    else:
+        k_mask = offs_k < k_left
+        x_tile = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+        w_tile = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+    acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+    if HAS_TANGENT:
+        if EVEN_K:
+            tx_tile = tl.load(tx_ptrs)
+        else:
+            tx_tile = tl.load(tx_ptrs, mask=k_mask[None, :], other=0.0)
+        tacc = tl.dot(tx_tile, w_tile, tacc, input_precision=INPUT_PRECISION)
+    if ACTIVATION == 2:
+        if EVEN_K:
+            g_tile = tl.load(g_ptrs)
+        else:
+            g_tile = tl.load(g_ptrs, mask=k_mask[:, None], other=0.0)
+        gacc = tl.dot(x_tile, g_tile, gacc, input_precision=INPUT_PRECISION)
+        if HAS_TANGENT:
+            tgacc = tl.dot(tx_tile, g_tile, tgacc, input_precision=INPUT_PRECISION)
+    return acc, tacc, gacc, tgacc
+
+
+@triton.jit
 def _dual_gemm_kernel(
     x_ptr, tx_ptr, w_ptr, bias_ptr, out_ptr, tout_ptr, pre_ptr,
     M, N, K, GATE_OFFSET,
     stride_xm, stride_xk, stride_txm, stride_txk, stride_wn, stride_wk,
     stride_om, stride_on, stride_tom, stride_ton, stride_pm, stride_pn,
     ACTIVATION: tl.constexpr, HAS_TANGENT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr,
-    EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles sweep the columns together so their W tiles stay in L2.
@@ -87,33 +117,26 @@ def _dual_gemm_kernel(
     tacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     gacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     tgacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            x_tile = tl.load(x_ptrs)
-            w_tile = tl.load(w_ptrs)
-        else:
-            k_mask = offs_k < K - k * BLOCK_K
-            x_tile = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-            w_tile = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
-        acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
-        if HAS_TANGENT:
-            if EVEN_K:
-                tx_tile = tl.load(tx_ptrs)
-            else:
-                tx_tile = tl.load(tx_ptrs, mask=k_mask[None, :], other=0.0)
-            tacc = tl.dot(tx_tile, w_tile, tacc, input_precision=INPUT_PRECISION)
-        if ACTIVATION == 2:
-            if EVEN_K:
-                g_tile = tl.load(g_ptrs)
-            else:
-                g_tile = tl.load(g_ptrs, mask=k_mask[:, None], other=0.0)
-            gacc = tl.dot(x_tile, g_tile, gacc, input_precision=INPUT_PRECISION)
-            if HAS_TANGENT:
-                tgacc = tl.dot(tx_tile, g_tile, tgacc, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        tx_ptrs += BLOCK_K * stride_txk
-        w_ptrs += BLOCK_K * stride_wk
-        g_ptrs += BLOCK_K * stride_wk
+    if WHILE_LOOP:
+        # Triton 3.6's interpreter with numpy >= 2.4 cannot use a runtime int as a range() bound; a while loop
+        # only compares it. Compiled kernels keep the for loop, which the software pipeliner needs.
+        k0 = 0
+        while k0 < K:
+            acc, tacc, gacc, tgacc = _k_step(x_ptrs, tx_ptrs, w_ptrs, g_ptrs, offs_k, K - k0, acc, tacc, gacc, tgacc,
+                                             ACTIVATION, HAS_TANGENT, EVEN_K, INPUT_PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            tx_ptrs += BLOCK_K * stride_txk
+            w_ptrs += BLOCK_K * stride_wk
+            g_ptrs += BLOCK_K * stride_wk
+            k0 += BLOCK_K
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            acc, tacc, gacc, tgacc = _k_step(x_ptrs, tx_ptrs, w_ptrs, g_ptrs, offs_k, K - k0, acc, tacc, gacc, tgacc,
+                                             ACTIVATION, HAS_TANGENT, EVEN_K, INPUT_PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            tx_ptrs += BLOCK_K * stride_txk
+            w_ptrs += BLOCK_K * stride_wk
+            g_ptrs += BLOCK_K * stride_wk
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
@@ -219,5 +242,17 @@ def dual_gemm(x: torch.Tensor, tx: torch.Tensor | None, weight: torch.Tensor, bi
             pre_arg.stride(1),
             ACTIVATION=ACTIVATIONS[activation], HAS_TANGENT=tx is not None, HAS_BIAS=bias is not None,
             STORE_PRE=store_pre, INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            WHILE_LOOP=os.environ.get("TRITON_INTERPRET", "0") == "1",
         )
     return out, tout, pre
+
+
+def tuned_configs() -> str:
+    """The configs the autotuners picked for their latest calls (for benchmark notes)."""
+    parts = []
+    for name, tuner in (("2acc", _dual_gemm_2acc), ("4acc", _dual_gemm_4acc)):
+        best = getattr(tuner, "best_config", None)
+        if best is not None:
+            kw = best.kwargs
+            parts.append(f"{name} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} s{best.num_stages} w{best.num_warps}")
+    return ", ".join(parts)
