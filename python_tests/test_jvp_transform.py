@@ -545,3 +545,49 @@ def test_torch_compile_around_the_transform():
     ref, tref = reference_jvp(lambda x: net(x, s), (x,), (tx,))
     assert_rel_close(out, 2 * ref, F64, what="primal")
     assert_rel_close(tout, tref, F64, what="tangent")
+
+
+class AdaLNBlock(nn.Module):
+    """A DiT-style adaLN-Zero block; ``variant`` changes its forward so the fused form no longer matches."""
+
+    def __init__(self, width: int, variant: str = "dit"):
+        super().__init__()
+        self.variant = variant
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.norm2 = HandRmsNorm(width)
+        self.attn = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(approximate="tanh"), nn.Linear(2 * width, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        h = self.norm1(x) * (1 + scale_msa.unsqueeze(1)) + shift_msa.unsqueeze(1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(h)
+        h = self.norm2(x) * (1 + scale_mlp.unsqueeze(1)) + shift_mlp.unsqueeze(1)
+        if self.variant == "no_gate":
+            return x + self.mlp(h)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(h)
+
+
+@pytest.mark.parametrize("variant,dtype", [("dit", F64), ("no_gate", F64), ("dit", torch.float32),
+                                           ("dit", torch.bfloat16)])
+def test_adaln_block_fused_only_when_verified(variant, dtype):
+    block = _randomize(AdaLNBlock(24, variant)).to(dtype)
+    x, c = torch.randn(3, 5, 24, dtype=dtype), torch.randn(3, 24, dtype=dtype)
+    tangents = (torch.randn(3, 5, 24, dtype=dtype), torch.randn(3, 24, dtype=dtype))
+    report = JVPReport()
+    out, tout = facm_ext.jvp(block, (x, c), tangents, report=report)
+    ref, tref = facm_ext.jvp(lambda x, c: block.forward(x, c), (x, c), tangents)  # unrecognized: per-op rules
+    torch.testing.assert_close(out, ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    torch.testing.assert_close(tout, tref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    fused = any("adaln_jvp" in k for k in report.fused)
+    if get_op("adaln_jvp")[0] is None or get_op("gated_residual_jvp")[0] is None:
+        pytest.skip("adaln_jvp / gated_residual_jvp not available")
+    reasons = " ".join(report.reasons.get("AdaLNBlock (adaLN block)", ()))
+    if variant == "dit" and dtype != torch.bfloat16:
+        assert fused and report.fused["adaLN block gated residual -> gated_residual_jvp"] == 2, str(report)
+        check_against_reference(block, (x, c), tangents, dtype=dtype)
+    elif variant == "no_gate":
+        assert not fused and "differs" in reasons, str(report)
+    else:
+        assert not fused and "not verified" in reasons, str(report)

@@ -109,6 +109,11 @@ _install_count = 0
 _saved_call: Optional[Callable] = None
 
 
+def _saved_call_of():
+    """The original nn.Module.__call__ saved by install()."""
+    return _saved_call
+
+
 def _patched_call(self, *args, **kwargs):
     if STATE.depth == 0:
         return _saved_call(self, *args, **kwargs)
@@ -286,6 +291,11 @@ def _recognize(module: nn.Module):
     rope = _rope_like(module)
     if rope is not None:
         return rope
+    from ._blocks import adaln_block_rule
+
+    block = adaln_block_rule(module)
+    if block is not None:
+        return block
     return _NOT_A_PATTERN
 
 
@@ -365,6 +375,7 @@ def _rms_norm_like(module: nn.Module):
             return NotImplemented
         return make_dual(*result)
 
+    rms_norm_rule.norm_spec = ("rms", policy)
     return rms_norm_rule
 
 

@@ -1,0 +1,172 @@
+"""adaLN-Zero transformer blocks (DiT, LightningDiT) run with the fused norm+modulate and gated-residual ops.
+
+A block of the form
+
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+    x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), *extra)
+    x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+(``modulate(h, shift, scale) = h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)``) is recognized from its
+children: ``adaLN_modulation`` (a Sequential ending in Linear(C, 6C)), ``norm1``/``norm2`` (LayerNorm over C
+without affine, or an RMSNorm-like module), ``attn`` and ``mlp``; forward(x [B, L, C], c [B, C], *extra).
+Each norm+modulate then runs as one ``adaln_jvp`` and each residual as one ``gated_residual_jvp`` (instead of
+about a dozen elementwise kernels for primal and tangent); attn and mlp go through the transform as usual.
+
+The block's forward is Python code the structure check cannot read, so the first call with a tangent verifies the
+fused form against the block's own forward under the transform, on the first sample of the real arguments, with
+autocast off: both primal and tangent must agree to fp32/fp64 accuracy. Blocks whose parameters are not fp32/fp64
+cannot be verified that precisely and are never fused this way (their ops still are, one by one). A failed check
+is recorded in the report and the block keeps its own forward.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ._dual import STATE, DualTensor, make_dual, record_fallback, split_dual
+from ._rules import call_op
+
+
+def _norm_spec(norm: nn.Module, channels: int):
+    """("layer" | "rms", weight or None, eps, output-dtype policy) of a block norm, or None when unsupported."""
+    if type(norm) is nn.LayerNorm:
+        if tuple(norm.normalized_shape) != (channels,) or norm.bias is not None:
+            return None
+        return "layer", (norm.weight if norm.elementwise_affine else None), float(norm.eps), "promote"
+    rms_norm_type = getattr(nn, "RMSNorm", None)
+    if rms_norm_type is not None and type(norm) is rms_norm_type:
+        if tuple(norm.normalized_shape) != (channels,) or norm.eps is None:
+            return None
+        return "rms", norm.weight, float(norm.eps), "promote"
+    from ._modules import _pattern_for
+
+    rule = _pattern_for(norm)
+    spec = getattr(rule, "norm_spec", None)
+    if spec is None or norm.weight.shape[0] != channels:
+        return None
+    eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
+    return "rms", norm.weight, float(eps), spec[1]
+
+
+def adaln_block_rule(module: nn.Module):
+    """The fused rule for an adaLN-Zero block (verified on its first call), or None when not this structure."""
+    children = dict(module.named_children())
+    if set(children) - {"norm1", "norm2", "attn", "mlp", "adaLN_modulation"} or len(children) != 5:
+        return None
+    modulation = children["adaLN_modulation"]
+    if not isinstance(modulation, nn.Sequential) or len(modulation) == 0 or type(modulation[-1]) is not nn.Linear:
+        return None
+    channels = modulation[-1].in_features
+    if modulation[-1].out_features != 6 * channels or module._parameters or module._buffers:
+        return None
+    norms = (_norm_spec(children["norm1"], channels), _norm_spec(children["norm2"], channels))
+    if None in norms:
+        return None
+    module_ref = weakref.ref(module)
+    verdict: dict = {}
+
+    def block_rule(mod, args, kwargs):
+        if kwargs or len(args) < 2 or module_ref() is not mod:
+            return NotImplemented
+        x, c = args[0], args[1]
+        if not (isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[-1] == channels
+                and isinstance(c, torch.Tensor) and c.dim() == 2 and c.shape[0] == x.shape[0]):
+            return NotImplemented
+        what = f"{type(mod).__name__} (adaLN block)"
+        if "ok" not in verdict:
+            verdict["ok"], why = _verify(mod, args, norms)
+            if not verdict["ok"]:
+                record_fallback(what, why)
+        if not verdict["ok"]:
+            return NotImplemented
+        return _fused_forward(mod, args, norms)
+
+    return block_rule
+
+
+def _adaln(x, shift, scale, spec, norm_module: nn.Module):
+    """norm(x) * (1 + scale) + shift for [B, C] shift/scale, fused; falls back to the block's own expression."""
+    kind, weight, eps, policy = spec
+    x_p, x_t = split_dual(x)
+    out_dtype = x_p.dtype
+    if weight is not None and policy == "promote":
+        out_dtype = torch.promote_types(x_p.dtype, weight.dtype)
+    if x_t is not None and out_dtype == x_p.dtype:
+        shift_p, shift_t = split_dual(shift)
+        scale_p, scale_t = split_dual(scale)
+        w = None if weight is None else (weight if weight.dtype == x_p.dtype else weight.to(x_p.dtype))
+        result, why = call_op("adaln_jvp", "adaLN block norm+modulate", x_p, x_t, shift_p, shift_t, scale_p,
+                              scale_t, norm=kind, weight=w, eps=eps)
+        if result is not None:
+            return make_dual(*result)
+        record_fallback("adaLN block norm+modulate", why)
+    return norm_module(x) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def _gated(x, gate, y):
+    """x + gate.unsqueeze(1) * y, fused; falls back to the block's own expression."""
+    x_p, x_t = split_dual(x)
+    gate_p, gate_t = split_dual(gate)
+    y_p, y_t = split_dual(y)
+    if isinstance(y_p, torch.Tensor) and y_p.shape == x_p.shape and (x_t is not None or gate_t is not None
+                                                                      or y_t is not None):
+        result, why = call_op("gated_residual_jvp", "adaLN block gated residual", x_p, x_t, gate_p, gate_t, y_p,
+                              y_t)
+        if result is not None:
+            out_dtype = torch.promote_types(torch.promote_types(x_p.dtype, gate_p.dtype), y_p.dtype)
+            primal, tangent = result
+            if primal.dtype != out_dtype:
+                primal, tangent = primal.to(out_dtype), tangent.to(out_dtype)
+            return make_dual(primal, tangent)
+        record_fallback("adaLN block gated residual", why)
+    return x + gate.unsqueeze(1) * y
+
+
+def _fused_forward(block: nn.Module, args: tuple, norms):
+    x, c, extra = args[0], args[1], args[2:]
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
+    x = _gated(x, gate_msa, block.attn(_adaln(x, shift_msa, scale_msa, norms[0], block.norm1), *extra))
+    x = _gated(x, gate_mlp, block.mlp(_adaln(x, shift_mlp, scale_mlp, norms[1], block.norm2)))
+    return x
+
+
+def _first_sample(value, batch: int):
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        primal, tangent = split_dual(value)
+        primal = primal.detach()[:1]
+        return make_dual(primal, None if tangent is None else tangent[:1]) if type(value) is DualTensor else primal
+    return value
+
+
+def _verify(block: nn.Module, args: tuple, norms) -> tuple[bool, Optional[str]]:
+    """Compare the fused form with the block's own forward (under the transform) on the first sample."""
+    from ._modules import _saved_call_of
+
+    params = list(block.parameters())
+    if not params or any(p.dtype not in (torch.float32, torch.float64) for p in params):
+        return False, "not verified: parameters are not fp32/fp64, so the fused form keeps per-op fusion only"
+    batch = args[0].shape[0]
+    sample = tuple(_first_sample(a, batch) for a in args)
+    report, STATE.report = STATE.report, None
+    try:
+        with torch.no_grad(), torch.autocast(params[0].device.type, enabled=False):
+            reference = _saved_call_of()(block, *sample)
+            fused = _fused_forward(block, sample, norms)
+    finally:
+        STATE.report = report
+    ref_p, ref_t = split_dual(reference)
+    fused_p, fused_t = split_dual(fused)
+    if not (isinstance(ref_p, torch.Tensor) and isinstance(fused_p, torch.Tensor)) or ref_p.shape != fused_p.shape:
+        return False, "fused form does not reproduce the block's output structure"
+    tol = 1e-9 if ref_p.dtype == torch.float64 else 1e-4
+    for name, a, b in (("primal", fused_p, ref_p), ("tangent", fused_t, ref_t)):
+        a = torch.zeros_like(ref_p) if a is None else a
+        b = torch.zeros_like(ref_p) if b is None else b
+        diff = (a.double() - b.double()).norm().item()
+        if not diff <= tol * max(b.double().norm().item(), 1e-30):
+            return False, f"fused form differs from the block's forward ({name}); block not fused"
+    return True, None
