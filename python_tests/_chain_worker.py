@@ -344,6 +344,28 @@ def scenario_transform(kind: str):
         case.update(grad_report(model, reference))
         case["backward_gathers"] = [backward_monitor.gathers[b] for b in model.blocks]
         results[attempt] = case
+    # An exception inside a block (with the next block prefetched) on every rank: everything resharded, and the
+    # next call exact again.
+    failing = model.blocks[1]
+
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("planned failure in block 1")
+
+    failing.forward = broken_forward
+    try:
+        transform.jvp(make_fn(model), (x, t), (v, torch.ones_like(t)))
+        results["raised"] = False
+    except RuntimeError as exc:
+        results["raised"] = "planned failure" in str(exc)
+    finally:
+        del failing.forward
+    results["resharded_after_error"] = all_blocks_resharded(model.blocks)
+    model.zero_grad(set_to_none=True)
+    with GatherMonitor(model.blocks) as monitor:
+        out, tangent = transform.jvp(make_fn(model), (x, t), (v, torch.ones_like(t)))
+        (out * weight).sum().backward()
+    results["after_error"] = dict(out_err=rel(out, ref_out), tangent_err=rel(tangent, ref_tangent),
+                                  gathers=[monitor.gathers[b] for b in model.blocks], **grad_report(model, reference))
     with torch.no_grad():
         out, tangent = transform.jvp(make_fn(model), (x, t), (v, torch.ones_like(t)))
     results["no_grad"] = dict(out_err=rel(out, ref_out), tangent_err=rel(tangent, ref_tangent),
@@ -440,6 +462,7 @@ def main() -> None:
     dist.all_gather_object(gathered, results)
     if rank == 0:
         merged = {name: {str(r): gathered[r][name] for r in range(len(gathered))} for name in names}
+        merged["_torch"] = torch.__version__
         with open(out_path, "w") as f:
             json.dump(merged, f, indent=1, default=str)
     dist.destroy_process_group()

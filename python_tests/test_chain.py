@@ -219,6 +219,7 @@ def gloo_results(tmp_path_factory):
 
 
 def ranks(results: dict, scenario: str) -> list[dict]:
+    assert results["_torch"] == torch.__version__, "the worker ran another torch than the test"
     per_rank = results[scenario]
     assert set(per_rank) == {"0", "1"}, f"{scenario}: results from ranks {sorted(per_rank)}"
     for rank, result in per_rank.items():
@@ -292,6 +293,10 @@ def test_transform_streams_fsdp2_model(gloo_results, scenario, depth):
             assert case["forward_gathers"] == [1] * depth and case["backward_gathers"] == [1] * depth, case
             assert case["forward_max_gathered"] == max_gathered, case
             assert case["resharded_after_forward"] is True
+        assert result["raised"] is True and result["resharded_after_error"] is True, result
+        after = result["after_error"]
+        assert after["out_err"] <= F64 and after["tangent_err"] <= F64 and after["grad_err"] <= F64, after
+        assert after["grads_missing"] == [] and after["gathers"] == [2] * depth, after
         no_grad = result["no_grad"]
         assert no_grad["out_err"] <= F64 and no_grad["tangent_err"] <= F64
         assert no_grad["out_requires_grad"] is False and no_grad["resharded_after_forward"] is True

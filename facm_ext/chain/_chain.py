@@ -162,6 +162,7 @@ class ChainJVP:
                                                        kwargs)
                 else:
                     args, step_kwargs = unit.pre_forward(args, kwargs)
+                    unit.release_last_gather_buffer()
                     self._prefetch_after(index)
                     DRIVEN_MODULES.add(id(block))
                     try:

@@ -94,6 +94,7 @@ def fsdp2_module_call(module: nn.Module, args: tuple, kwargs: dict, run_module):
         primal_leaves, tangent_leaves, spec = _split((tuple(args), dict(kwargs)), split_dual)
         plain_args, plain_kwargs = pytree.tree_unflatten(primal_leaves, spec)
         plain_args, plain_kwargs = unit.pre_forward(tuple(plain_args), dict(plain_kwargs))
+        unit.release_last_gather_buffer()
         tree_key = id(unit.state._state_ctx)
         if starts_pass:
             _CURRENT_ORDER[tree_key] = []

@@ -216,7 +216,12 @@ class Fsdp2Unit:
                 indices.clear()
 
     def release_last_gather_buffer(self) -> None:
-        """Free the all-gather output FSDP keeps to overlap the next copy-in (what the root's post-forward does)."""
+        """Free the all-gather output FSDP keeps after a forward copy-out (what the root's post-forward does).
+
+        FSDP keeps it until the next unit's copy-out so that the next all-gather's copy-in cannot reuse memory the
+        current copy-out still reads; the chain frees it right after the copy-out instead (the all-gather streams
+        wait for the copy-out event), so gathered memory stays at 1 + prefetch blocks rather than one more.
+        """
         comm_ctx = getattr(self.state, "_comm_ctx", None)
         gather_state = getattr(comm_ctx, "all_gather_state", None)
         if gather_state is None:
