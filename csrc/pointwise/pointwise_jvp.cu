@@ -6,14 +6,14 @@
 // row per grid-stride step: E = 16 bytes of the narrowest dtype (4 for fp32-only kernels, 8 when a 16-bit dtype
 // is involved), loaded as 16-byte transactions when every pointer and stride allows (the "aligned" instantiation),
 // else E = 1 element loads (any C, any offset). Indices are 32-bit unless the tensor has >= 2^31 elements.
-#include "pointwise/pointwise_jvp.h"
+#include "pointwise_jvp.h"
 
 #include <algorithm>
 #include <cmath>
 #include <initializer_list>
 #include <type_traits>
 
-#include "pointwise/vec_io.cuh"
+#include "vec_io.cuh"
 
 namespace facm_ext::pointwise {
 namespace {

@@ -12,7 +12,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "pointwise/pointwise_jvp.h"
+#include "pointwise_jvp.h"
 
 namespace facm_ext::pointwise {
 namespace {

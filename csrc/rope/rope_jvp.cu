@@ -5,12 +5,12 @@
 // pair). Chunks: E consecutive channels (interleaved pairs (2i, 2i+1)), or E channels of each half (half-split
 // pairs (j, j + D/2)). E = 16 bytes of x's dtype when pointers and strides allow; else a single pair (2 channels
 // interleaved, 1 of each half split) with element loads.
-#include "rope/rope_jvp.h"
+#include "rope_jvp.h"
 
 #include <algorithm>
 #include <type_traits>
 
-#include "pointwise/vec_io.cuh"
+#include "../pointwise/vec_io.cuh"
 
 namespace facm_ext::rope {
 namespace {

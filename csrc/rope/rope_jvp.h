@@ -9,7 +9,7 @@
 
 #include <cuda_runtime.h>
 
-#include "pointwise/pointwise_jvp.h"
+#include "../pointwise/pointwise_jvp.h"
 
 namespace facm_ext::rope {
 

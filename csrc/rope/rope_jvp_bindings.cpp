@@ -11,7 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "rope/rope_jvp.h"
+#include "rope_jvp.h"
 
 namespace facm_ext::rope {
 namespace {
