@@ -298,8 +298,11 @@ struct LaunchShape {
 };
 
 // Short rows (<= 128 vectors): 4..32 lanes per row, 128-thread blocks holding several rows. Longer rows: one block
-// per row, as many threads as vectors up to 512, then 2, 4 (.. 16 scalar) vectors per thread: register budget
-// (64 per thread at 2 x 512 threads per SM) rules over instruction-level parallelism.
+// per row, as many threads as vectors up to 512, then 2, 4 (.. 16 scalar) vectors per thread.
+// Measured on one H200 (torch 2.11): Wan rows (C = 5120) reach 94% of copy bandwidth with fp32 x and fp32
+// per-token modulation, 87% with bf16 x and fp32 modulation, but only 54-65% with bf16 x and bf16 / no
+// modulation: at ~85 registers per thread two 320-thread blocks fit an SM, i.e. two rows (40 KB) in flight.
+// Staging rows in shared memory (cp.async) instead of registers is the known next step for 16-bit rows.
 LaunchShape choose_shape(int64_t rows, int64_t vectors, int max_items) {
   LaunchShape s;
   if (vectors <= 128) {
