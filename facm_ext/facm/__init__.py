@@ -11,8 +11,9 @@ The trainer is ``python -m facm_ext.train``.
 """
 
 from facm_ext.facm.objective import (adaptive_l2, drop_labels, facm_loss, flow_matching_loss, meanflow_loss,
-                                     sample_t, stage1_loss, teacher_velocity)
+                                     sample_t, stage1_loss, teacher_velocity, torch_func_jvp)
 from facm_ext.facm.sampling import sample, sample_flow
+from facm_ext.facm.two_time import TwoTimeModel
 
-__all__ = ["adaptive_l2", "drop_labels", "facm_loss", "flow_matching_loss", "meanflow_loss", "sample", "sample_flow",
-           "sample_t", "stage1_loss", "teacher_velocity"]
+__all__ = ["TwoTimeModel", "adaptive_l2", "drop_labels", "facm_loss", "flow_matching_loss", "meanflow_loss", "sample", "sample_flow",
+           "sample_t", "stage1_loss", "teacher_velocity", "torch_func_jvp"]

@@ -60,6 +60,15 @@ def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (like.dim() - 1)))
 
 
+def torch_func_jvp(func, primals, tangents):
+    """``torch.func.jvp`` with scaled-dot-product attention forced to the math backend, the only SDPA backend with
+    a forward-mode rule (the official FACM code path: eager, unfused attention). Same signature and results."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.func.jvp(func, primals, tangents)
+
+
 def _default_jvp() -> JvpFn:
     import facm_ext.jvp as fused_jvp
 
