@@ -1,7 +1,7 @@
-"""linear_jvp (one Triton dual GEMM over the stacked rows [x; x']) against the alternatives, bf16, in the same run:
-two separate cuBLAS GEMMs (F.linear(x) and F.linear(x')), the literally stacked cuBLAS GEMM (cat + one mm, split),
-eager torch.func.jvp(F.linear), and torch.compile of it. The primal F.linear alone is listed as the yardstick
-(an ideal JVP costs twice it). Every JVP row counts 2 * (2 M) * K * N FLOPs.
+"""linear_jvp against the alternatives, bf16, in the same run: its default path (two cuBLAS GEMMs), its Triton dual
+GEMM over the stacked rows [x; x'] (FACM_EXT_BACKEND=triton), plain two F.linear calls, the literally stacked
+cuBLAS GEMM (cat + one mm, split), eager torch.func.jvp(F.linear), and torch.compile of it. The primal F.linear
+alone is listed as the yardstick (an ideal JVP costs twice it). Every JVP row counts 2 * (2 M) * K * N FLOPs.
 
 Shapes: the MLP projections of LightningDiT-XL/1 (M = 16384 = 64 x 256 tokens, 1152 -> 6144 and 3072 -> 1152) and
 Wan 2.2 (M = 32760 tokens, 5120 -> 13824 and 13824 -> 5120).
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import _harness
+from facm_ext.kernels.mlp_jvp_triton import tuned_configs
 from facm_ext.ops import linear_jvp
 from facm_ext.reference.linear import linear
 
@@ -65,8 +66,9 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("case", list(LINEAR_CASES))
-def test_bench_linear_jvp(benchmark, case):
+def test_bench_linear_jvp(benchmark, case, monkeypatch):
     _harness.require_cuda()
+    monkeypatch.delenv("FACM_EXT_BACKEND", raising=False)
     m, k, n = LINEAR_CASES[case]
     flops = 2.0 * (2 * m) * k * n
     x, tx, weight, bias = _make(m, k, n)
@@ -74,13 +76,22 @@ def test_bench_linear_jvp(benchmark, case):
 
     with torch.no_grad():
         ours = functools.partial(linear_jvp, x, tx, weight, bias)
+        ours()
+        ms_ours = _timed(benchmark, ours)
+        _harness.record(group, case, "facm_ext linear_jvp (default: 2 cuBLAS GEMMs)", ms_ours, flops=flops,
+                        peak_gib=_harness.peak_extra_memory_gib(ours))
+
+        monkeypatch.setenv("FACM_EXT_BACKEND", "triton")
         y, ty = ours()  # autotune outside the timing
         ref_y, ref_ty = _two_gemms(x, tx, weight, bias)
         err = max(_rel(y, ref_y), _rel(ty, ref_ty))
-        ms_ours = _timed(benchmark, ours)
-        _harness.record(group, case, "facm_ext linear_jvp (triton dual GEMM)", ms_ours, flops=flops,
-                        peak_gib=_harness.peak_extra_memory_gib(ours), note=f"rel. diff vs cuBLAS {err:.1e}")
         del y, ty, ref_y, ref_ty
+        ms_dual = _harness.median_ms(ours)
+        _harness.record(group, case, "facm_ext linear_jvp, FACM_EXT_BACKEND=triton (dual GEMM)", ms_dual,
+                        flops=flops, peak_gib=_harness.peak_extra_memory_gib(ours),
+                        note=f"default {ms_dual / ms_ours:.2f}x faster; rel. diff vs cuBLAS {err:.1e}; "
+                             f"{tuned_configs()}")
+        monkeypatch.delenv("FACM_EXT_BACKEND")
 
         alternatives = {
             "2x cuBLAS F.linear": functools.partial(_two_gemms, x, tx, weight, bias),
@@ -98,7 +109,7 @@ def test_bench_linear_jvp(benchmark, case):
                 continue
             ms = _harness.median_ms(fn)
             _harness.record(group, case, impl, ms, flops=flops, peak_gib=_harness.peak_extra_memory_gib(fn),
-                            note=f"ours {ms / ms_ours:.2f}x faster")
+                            note=f"default {ms / ms_ours:.2f}x faster")
 
         primal = functools.partial(F.linear, x, weight, bias)
         primal()

@@ -49,7 +49,7 @@ def _as64(*tensors):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("tangent", [True, False])
 def test_interpreter_linear_jvp(dtype, lead, k, n, bias, tangent):
-    assert linear_ops.use_dual_gemm(torch.empty(1, dtype=dtype))
+    assert linear_ops.use_dual_gemm(torch.empty(1, dtype=dtype), by_default=False)
     x, w = _rand(*lead, k, dtype=dtype), _rand(n, k, dtype=dtype, scale=k ** -0.5)
     tx = _rand(*lead, k, dtype=dtype) if tangent else None
     b = _rand(n, dtype=dtype) if bias else None
@@ -133,3 +133,27 @@ def test_interpreter_dual_gemm_store_pre(dtype, activation):
     assert tout0 is None and pre0 is None
     assert out0.shape == out.shape
 
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["gelu_tanh", "swiglu"])
+@pytest.mark.parametrize("tangent", [True, False])
+def test_interpreter_act_jvp_pass(dtype, activation, tangent):
+    """The separate activation-JVP pass (FACM_EXT_MLP_UP=cublas), on a strided pre-activation."""
+    from facm_ext.kernels.mlp_jvp_triton import act_jvp
+
+    n1 = 46 if activation == "swiglu" else 23
+    pre = noncontiguous(_rand(37, n1, dtype=dtype)).t().contiguous().t()  # column-major rows
+    tpre = _rand(37, n1, dtype=dtype) if tangent else None
+    out, tout = act_jvp(pre, tpre, activation)
+    if activation == "gelu_tanh":
+        fn = lambda z: F.gelu(z, approximate="tanh")  # noqa: E731
+    else:
+        fn = lambda z: F.silu(z.chunk(2, dim=-1)[0]) * z.chunk(2, dim=-1)[1]  # noqa: E731
+    t64 = torch.zeros_like(pre, dtype=torch.float64) if tpre is None else tpre.double()
+    ref, tref = torch.func.jvp(fn, (pre.double(),), (t64,))
+    assert_rel_close(out, ref, dtype, what="act")
+    if tangent:
+        assert_rel_close(tout, tref, dtype, what="tangent")
+    else:
+        assert tout is None

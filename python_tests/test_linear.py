@@ -196,14 +196,19 @@ GPU_SHAPES = [((37,), 72, 1152), ((2, 19), 1152, 72), ((5, 7), 100, 333), ((3,),
 
 
 @requires_cuda
+@pytest.mark.parametrize("backend", ["default", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("lead,k,n", GPU_SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_gpu_matches_jvp(dtype, lead, k, n, bias):
+def test_gpu_matches_jvp(backend, dtype, lead, k, n, bias, monkeypatch):
+    if backend == "triton":
+        if dtype == torch.float32:
+            pytest.skip("fp32 stays on cuBLAS")
+        monkeypatch.setenv("FACM_EXT_BACKEND", "triton")
     x, tx, weight, b = _inputs(lead, k, n, dtype, "cuda", bias=bias)
-    if dtype != torch.float32:
-        assert _common.use_triton(x, tx, weight, b, dtypes=linear_ops.TRITON_DTYPES) or \
-            _common._forced_backend() not in (None, "triton")
+    expect_dual_gemm = backend == "triton" or (linear_ops.LINEAR_DUAL_GEMM_BY_DEFAULT and dtype != torch.float32)
+    assert linear_ops.use_dual_gemm(x, tx, weight, b, by_default=linear_ops.LINEAR_DUAL_GEMM_BY_DEFAULT) == \
+        expect_dual_gemm
     y, ty = linear_jvp(x, tx, weight, b)
     ref_y, ref_ty = _reference_jvp(x, tx, weight, b)
     assert y.dtype == dtype and ty.dtype == dtype and y.is_cuda
@@ -212,8 +217,11 @@ def test_gpu_matches_jvp(dtype, lead, k, n, bias):
 
 
 @requires_cuda
+@pytest.mark.parametrize("backend", ["default", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_noncontiguous_and_none_tangent(dtype):
+def test_gpu_noncontiguous_and_none_tangent(backend, dtype, monkeypatch):
+    if backend == "triton":
+        monkeypatch.setenv("FACM_EXT_BACKEND", "triton")
     x, tx, weight, b = _inputs((3, 41), 72, 1152, dtype, "cuda")
     y, ty = linear_jvp(noncontiguous(x), noncontiguous(tx), weight.t().contiguous().t(), b)
     ref_y, ref_ty = _reference_jvp(x, tx, weight, b)
@@ -225,8 +233,11 @@ def test_gpu_noncontiguous_and_none_tangent(dtype):
 
 
 @requires_cuda
+@pytest.mark.parametrize("backend", ["default", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_primal_gradients(dtype):
+def test_gpu_primal_gradients(backend, dtype, monkeypatch):
+    if backend == "triton":
+        monkeypatch.setenv("FACM_EXT_BACKEND", "triton")
     x, tx, weight, b = _inputs((2, 33), 72, 160, dtype, "cuda")
     leaves = [t.clone().requires_grad_() for t in (x, weight, b)]
     y, ty = linear_jvp(leaves[0], tx, leaves[1], leaves[2])

@@ -219,7 +219,7 @@ GPU_SHAPES = [((37,), 72, 40, 72), ((2, 33), 1152, 96, 1152), ((3, 7), 100, 333,
 def test_gpu_matches_jvp(dtype, activation, lead, k, hidden, k_out, tangent):
     x, tx, params = _inputs(lead, k, hidden, k_out, activation, dtype, "cuda", tangent=tangent)
     if dtype != torch.float32 and _common._forced_backend() is None:
-        assert linear_ops.use_dual_gemm(x, tx, *params)
+        assert linear_ops.use_dual_gemm(x, tx, *params, by_default=True)
     y, ty = mlp_jvp(x, tx, *params, activation=activation)
     ref_y, ref_ty = _reference_jvp(x, tx, params, activation)
     assert y.dtype == dtype and ty.dtype == dtype and y.is_cuda
@@ -279,3 +279,34 @@ def test_gpu_torch_compile_fullgraph(activation):
     ref_y, ref_ty = _reference_jvp(x, tx, params, activation)
     assert_rel_close(y, ref_y, torch.bfloat16, what="y", factor=2.0)
     assert_rel_close(ty, ref_ty, torch.bfloat16, what="ty", factor=2.0)
+
+
+# FACM_EXT_BACKEND=triton: the down-projection on the dual GEMM too; FACM_EXT_MLP_UP=cublas: cuBLAS up-projection
+# followed by the separate Triton activation-JVP pass.
+GPU_VARIANTS = {"triton_down": ("FACM_EXT_BACKEND", "triton"), "cublas_up": ("FACM_EXT_MLP_UP", "cublas")}
+
+
+@requires_cuda
+@pytest.mark.parametrize("variant", list(GPU_VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("lead,k,hidden,k_out", [((37,), 72, 40, 72), ((3, 7), 100, 333, 50)])
+def test_gpu_variants_match_jvp(variant, dtype, activation, lead, k, hidden, k_out, monkeypatch):
+    monkeypatch.setenv(*GPU_VARIANTS[variant])
+    x, tx, params = _inputs(lead, k, hidden, k_out, activation, dtype, "cuda")
+    y, ty = mlp_jvp(x, tx, *params, activation=activation)
+    ref_y, ref_ty = _reference_jvp(x, tx, params, activation)
+    assert_rel_close(y, ref_y, dtype, what="y", factor=2.0)
+    assert_rel_close(ty, ref_ty, dtype, what="ty", factor=2.0)
+    y0, ty0 = mlp_jvp(x, None, *params, activation=activation)
+    assert_rel_close(y0, ref_y, dtype, what="y (no tangent)", factor=2.0)
+    assert torch.count_nonzero(ty0) == 0
+
+
+@requires_cuda
+@pytest.mark.parametrize("variant", list(GPU_VARIANTS))
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gpu_variants_primal_gradients(variant, activation, monkeypatch):
+    monkeypatch.setenv(*GPU_VARIANTS[variant])
+    x, tx, params = _inputs((2, 45), 72, 80, 72, activation, torch.bfloat16, "cuda")
+    _grads_vs_float64(x, tx, params, activation, torch.bfloat16, factor=2.0)

@@ -26,8 +26,6 @@ import triton.language as tl
 
 ACTIVATIONS = {"none": 0, "gelu_tanh": 1, "swiglu": 2}
 
-
-
 def _configs(four_accumulators: bool) -> list:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         # The interpreter runs every program in Python: one small config, no tuning.
@@ -48,6 +46,25 @@ def _configs(four_accumulators: bool) -> list:
 def _tanh(x):
     # 1 - 2 / (exp(2x) + 1): saturates to +-1 without NaN for large |x|
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _gelu_tanh_jvp(h, th):
+    """fp32 (gelu_tanh(h), gelu_tanh'(h) th); one tanh serves both. Constants inline (k = sqrt(2 / pi),
+    c = 0.044715): Triton's interpreter rejects constexpr globals."""
+    h2 = h * h
+    t = _tanh(0.7978845608028654 * h * (1.0 + 0.044715 * h2))
+    out = 0.5 * h * (1.0 + t)
+    tout = (0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * h2)) * th
+    return out, tout
+
+
+@triton.jit
+def _swiglu_jvp(a, ta, b, tb):
+    """fp32 (silu(a) b, silu'(a) ta b + silu(a) tb) with silu'(a) = s (1 + a (1 - s)), s = sigmoid(a)."""
+    s = 1.0 / (1.0 + tl.exp(-a))
+    silu = a * s
+    return silu * b, s * (1.0 + a * (1.0 - s)) * ta * b + silu * tb
 
 
 @triton.jit
@@ -152,16 +169,9 @@ def _dual_gemm_kernel(
             tl.store(pre_ptrs + GATE_OFFSET * stride_pn, gacc.to(pre_ptr.dtype.element_ty), mask=mask)
 
     if ACTIVATION == 1:
-        # GELU-tanh constants inline (k = sqrt(2 / pi), c = 0.044715): the interpreter rejects constexpr globals.
-        h2 = acc * acc
-        t = _tanh(0.7978845608028654 * acc * (1.0 + 0.044715 * h2))
-        out = 0.5 * acc * (1.0 + t)
-        tout = (0.5 * (1.0 + t) + 0.5 * acc * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * h2)) * tacc
+        out, tout = _gelu_tanh_jvp(acc, tacc)
     elif ACTIVATION == 2:
-        s = 1.0 / (1.0 + tl.exp(-acc))
-        silu = acc * s
-        out = silu * gacc
-        tout = s * (1.0 + acc * (1.0 - s)) * tacc * gacc + silu * tgacc
+        out, tout = _swiglu_jvp(acc, tacc, gacc, tgacc)
     else:
         out = acc
         tout = tacc
@@ -245,6 +255,64 @@ def dual_gemm(x: torch.Tensor, tx: torch.Tensor | None, weight: torch.Tensor, bi
             WHILE_LOOP=os.environ.get("TRITON_INTERPRET", "0") == "1",
         )
     return out, tout, pre
+
+
+@triton.jit
+def _act_jvp_kernel(pre_ptr, tpre_ptr, out_ptr, tout_ptr, M, H, stride_pm, stride_tpm, stride_om, stride_tom,
+                    ACTIVATION: tl.constexpr, HAS_TANGENT: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < M)[:, None] & (cols < H)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    pre_ptrs = pre_ptr + rows64 * stride_pm + cols[None, :]
+    tpre_ptrs = tpre_ptr + rows64 * stride_tpm + cols[None, :]
+    h = tl.load(pre_ptrs, mask=mask, other=0.0).to(tl.float32)
+    th = tl.zeros_like(h)
+    if HAS_TANGENT:
+        th = tl.load(tpre_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if ACTIVATION == 1:
+        out, tout = _gelu_tanh_jvp(h, th)
+    else:
+        b = tl.load(pre_ptrs + H, mask=mask, other=0.0).to(tl.float32)
+        tb = tl.zeros_like(b)
+        if HAS_TANGENT:
+            tb = tl.load(tpre_ptrs + H, mask=mask, other=0.0).to(tl.float32)
+        out, tout = _swiglu_jvp(h, th, b, tb)
+    tl.store(out_ptr + rows64 * stride_om + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    if HAS_TANGENT:
+        tl.store(tout_ptr + rows64 * stride_tom + cols[None, :], tout.to(tout_ptr.dtype.element_ty), mask=mask)
+
+
+def act_jvp(pre: torch.Tensor, tpre: torch.Tensor | None, activation: str):
+    """The activation's primal and tangent as a separate elementwise pass (the unfused alternative to the epilogue).
+
+    Args:
+        pre: [M, N1] fp16/bf16/fp32 pre-activation (swiglu: N1 = 2 H, halves (a, b)); tpre: like pre, or None.
+        activation: "gelu_tanh" | "swiglu".
+    Returns:
+        (out [M, H], tout [M, H] or None), pre's dtype, contiguous; fp32 math.
+    """
+    if activation not in ("gelu_tanh", "swiglu"):
+        raise ValueError(f"activation: expected 'gelu_tanh' or 'swiglu', got {activation!r}")
+    pre = pre if pre.stride(-1) == 1 else pre.contiguous()
+    if tpre is not None and tpre.stride(-1) != 1:
+        tpre = tpre.contiguous()
+    M, n1 = pre.shape
+    hidden = n1 // 2 if activation == "swiglu" else n1
+    out = torch.empty((M, hidden), device=pre.device, dtype=pre.dtype)
+    tout = torch.empty_like(out) if tpre is not None else None
+    if M == 0 or hidden == 0:
+        return out, tout
+    tpre_arg = tpre if tpre is not None else pre
+    tout_arg = tout if tout is not None else out
+    block_r, block_c = (8, 32) if os.environ.get("TRITON_INTERPRET", "0") == "1" else (16, 256)
+    grid = (triton.cdiv(M, block_r), triton.cdiv(hidden, block_c))
+    with torch.cuda.device(pre.device) if pre.is_cuda else contextlib.nullcontext():
+        _act_jvp_kernel[grid](pre, tpre_arg, out, tout_arg, M, hidden, pre.stride(0), tpre_arg.stride(0),
+                              out.stride(0), tout_arg.stride(0), ACTIVATION=ACTIVATIONS[activation],
+                              HAS_TANGENT=tpre is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
+    return out, tout
 
 
 def tuned_configs() -> str:

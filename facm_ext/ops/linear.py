@@ -1,11 +1,14 @@
 """Linear-layer JVP: ``y = x W^T + b`` and ``y' = x' W^T`` from one GEMM over the stacked rows ``[x; x']``.
 
 Backends (chosen at run time inside the custom op ``torch.ops.facm_ext.linear_jvp``):
-- ``triton``: fp16/bf16 CUDA tensors. One Triton GEMM whose programs compute the same row tile of x and x' with two
-  fp32 accumulators sharing every W tile load, so W is read once; the bias goes into the primal epilogue only, and
-  primal and tangent are written to two separate outputs (no concatenation, no split copies).
-- ``reference``: everything else (CPU, fp32/fp64, ``FACM_EXT_BACKEND=reference``): two ``F.linear`` calls. fp32 on
-  CUDA stays on cuBLAS because a Triton fp32 dot is either TF32 (not fp32-accurate) or slow.
+- ``triton`` (``FACM_EXT_BACKEND=triton``, fp16/bf16 CUDA tensors): one Triton GEMM whose programs compute the same
+  row tile of x and x' with two fp32 accumulators sharing every W tile load, so W is read once; the bias goes into
+  the primal epilogue only, and primal and tangent are written to two separate outputs (no concatenation, no split
+  copies).
+- ``reference`` (default, and CPU, fp32/fp64): two ``F.linear`` calls. On CUDA that is two cuBLAS GEMMs, which
+  measured 1.2-1.4x faster than the Triton dual GEMM on an H200 at the LightningDiT and Wan shapes (see
+  LINEAR_DUAL_GEMM_BY_DEFAULT); reading W twice costs little next to the GEMMs. fp32 on CUDA stays on cuBLAS in any
+  case because a Triton fp32 dot is either TF32 (not fp32-accurate) or slow.
 
 Autocast: the public function casts like ``F.linear`` under ``torch.autocast`` (every fp16/bf16/fp32 argument to the
 autocast dtype of x's device) before calling the custom op, and the op body runs with autocast disabled, so the
@@ -37,20 +40,35 @@ from facm_ext.ops._common import (
 TRITON_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def use_dual_gemm(*tensors: Optional[torch.Tensor]) -> bool:
-    """True when the Triton dual GEMM should run: fp16/bf16 CUDA tensors (unless another backend is forced), or,
-    for the interpreter tests, fp32/fp16 CPU tensors under TRITON_INTERPRET=1 with FACM_EXT_BACKEND=triton."""
+# Measured on one H200 (torch 2.11, Triton 3.6, bf16, benchmarks/test_bench_linear.py): two cuBLAS GEMMs beat the
+# Triton dual GEMM by 1.2-1.4x at the LightningDiT and Wan MLP shapes (e.g. 0.70 vs 0.90 ms at M=16384,
+# 1152->6144; 12.9 vs 17.7 ms at M=32760, 13824->5120), so the plain linear JVP uses cuBLAS by default and the dual
+# GEMM only when FACM_EXT_BACKEND=triton. The dual GEMM's epilogue is what mlp_jvp fuses the activation into.
+LINEAR_DUAL_GEMM_BY_DEFAULT = False
+
+
+def use_dual_gemm(*tensors: Optional[torch.Tensor], by_default: bool) -> bool:
+    """Whether the Triton dual GEMM runs for these tensors.
+
+    fp16/bf16 CUDA tensors: when ``by_default`` or FACM_EXT_BACKEND=triton (never when another backend is forced).
+    fp32/fp16 CPU tensors under TRITON_INTERPRET=1 with FACM_EXT_BACKEND=triton: yes (the interpreter tests).
+    """
+    forced = _forced_backend()
+    if forced is None and not by_default:
+        return False
     if use_triton(*tensors, dtypes=TRITON_DTYPES):
         return True
     live = [t for t in tensors if t is not None]
-    return (os.environ.get("TRITON_INTERPRET", "0") == "1" and _forced_backend() == "triton" and bool(live)
+    return (os.environ.get("TRITON_INTERPRET", "0") == "1" and forced == "triton" and bool(live)
             and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float16) for t in live))
+
 
 register_op_info(OpInfo(
     name="linear_jvp",
     backends={
-        "triton": "fp16/bf16 CUDA tensors: one stacked dual-accumulator GEMM, bias in the primal epilogue",
-        "reference": "CPU, fp32/fp64, or FACM_EXT_BACKEND=reference: two F.linear calls (cuBLAS on CUDA)",
+        "triton": "FACM_EXT_BACKEND=triton with fp16/bf16 CUDA tensors: one stacked dual-accumulator GEMM, bias in "
+                  "the primal epilogue",
+        "reference": "default: two F.linear calls (cuBLAS on CUDA, measured faster than the dual GEMM on H200)",
     },
     notes="fp32 on CUDA uses cuBLAS (exact fp32) rather than a TF32 Triton dot; under torch.autocast the "
           "arguments are cast as F.linear would be",
@@ -99,7 +117,7 @@ def _linear_jvp_reference(x, tx, weight, bias):
 def _linear_jvp_op(x: torch.Tensor, tx: Optional[torch.Tensor], weight: torch.Tensor,
                    bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.autocast(x.device.type, enabled=False):
-        if x.numel() > 0 and use_dual_gemm(x, tx, weight, bias):
+        if x.numel() > 0 and use_dual_gemm(x, tx, weight, bias, by_default=LINEAR_DUAL_GEMM_BY_DEFAULT):
             from facm_ext.kernels.mlp_jvp_triton import dual_gemm
 
             lead = x.shape[:-1]

@@ -5,8 +5,10 @@ Backends (chosen at run time inside the custom op ``torch.ops.facm_ext.mlp_jvp``
 - ``triton``: fp16/bf16 CUDA tensors. Up-projection: one dual-accumulator Triton GEMM over [x; x'] whose epilogue
   writes act(h) and act'(h) h' (SwiGLU: each program owns matching columns of the a and b halves, four fp32
   accumulators), so the pre-activation and its tangent never round-trip through memory; the primal
-  pre-activation is stored only when the primal backward needs it. Down-projection: the same dual GEMM without
-  activation (the :func:`facm_ext.ops.linear_jvp` kernel).
+  pre-activation is stored only when the primal backward needs it. Down-projection: two cuBLAS GEMMs, like
+  :func:`facm_ext.ops.linear_jvp` (measured faster than the dual GEMM there); the dual GEMM with
+  ``FACM_EXT_BACKEND=triton``. ``FACM_EXT_MLP_UP=cublas`` replaces the fused up-projection by two cuBLAS GEMMs
+  and a separate Triton activation-JVP pass (see :func:`up_mode`).
 - ``reference``: everything else (CPU, fp32/fp64, ``FACM_EXT_BACKEND=reference``): F.linear + fp32 activation
   formulas + F.linear.
 
@@ -17,6 +19,7 @@ activation backward kernels). The tangent output never carries a graph.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -29,19 +32,31 @@ from facm_ext.ops._common import (
     check_tangent,
     check_tensor,
     register_op_info,
+    use_triton,
     zeros_tangent,
 )
-from facm_ext.ops.linear import autocast_cast, use_dual_gemm
+from facm_ext.ops.linear import LINEAR_DUAL_GEMM_BY_DEFAULT, TRITON_DTYPES, autocast_cast, use_dual_gemm
 from facm_ext.reference.mlp import ACTIVATIONS
 
 register_op_info(OpInfo(
     name="mlp_jvp",
     backends={
-        "triton": "fp16/bf16 CUDA tensors: dual GEMM with GELU-tanh/SwiGLU JVP epilogue, then dual GEMM",
+        "triton": "fp16/bf16 CUDA tensors: up-projection = dual GEMM with the GELU-tanh/SwiGLU JVP epilogue; "
+                  "down-projection = 2 cuBLAS GEMMs (dual GEMM with FACM_EXT_BACKEND=triton)",
         "reference": "CPU, fp32/fp64, or FACM_EXT_BACKEND=reference: F.linear + activation formulas + F.linear",
     },
-    notes="primal backward in PyTorch (cuBLAS + aten activation backward); fp32 on CUDA uses the reference path",
+    notes="FACM_EXT_MLP_UP=cublas: up-projection as 2 cuBLAS GEMMs + a Triton activation-JVP pass instead of the "
+          "fused epilogue; primal backward in PyTorch (cuBLAS + aten activation backward)",
 ))
+
+
+def up_mode() -> str:
+    """FACM_EXT_MLP_UP: 'fused' (default; the activation JVP in the dual GEMM's epilogue) or 'cublas' (two cuBLAS
+    GEMMs, then a separate Triton activation-JVP pass: more memory traffic, cuBLAS GEMM speed)."""
+    mode = os.environ.get("FACM_EXT_MLP_UP", "fused").strip().lower() or "fused"
+    if mode not in ("fused", "cublas"):
+        raise ValueError(f"FACM_EXT_MLP_UP: expected 'fused' or 'cublas', got {mode!r}")
+    return mode
 
 _GELU_K = 0.7978845608028654  # sqrt(2 / pi)
 _GELU_C = 0.044715
@@ -122,20 +137,30 @@ def _mlp_jvp_op(x: torch.Tensor, tx: Optional[torch.Tensor], w1: torch.Tensor, b
     save_for_backward: keep the primal pre-activation for the backward (else the backward recomputes it)."""
     lead = x.shape[:-1]
     with torch.autocast(x.device.type, enabled=False):
-        if x.numel() > 0 and use_dual_gemm(x, tx, w1, b1, w2, b2):
-            from facm_ext.kernels.mlp_jvp_triton import dual_gemm
+        kernels = x.numel() > 0 and use_triton(x, tx, w1, b1, w2, b2, dtypes=TRITON_DTYPES)
+        fused_up = x.numel() > 0 and use_dual_gemm(x, tx, w1, b1, w2, b2, by_default=up_mode() == "fused")
+        if not (kernels or fused_up):
+            y, ty, pre, hidden = _mlp_jvp_reference(x, tx, w1, b1, w2, b2, activation)
+            return y, ty, pre if save_for_backward else x.new_empty(0), hidden
+        from facm_ext.kernels.mlp_jvp_triton import act_jvp, dual_gemm
 
-            x2 = x.reshape(-1, x.shape[-1])
-            tx2 = None if tx is None else tx.reshape(-1, tx.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        tx2 = None if tx is None else tx.reshape(-1, tx.shape[-1])
+        if fused_up:
             hidden, thidden, pre = dual_gemm(x2, tx2, w1, b1, activation=activation, store_pre=save_for_backward)
+        else:  # FACM_EXT_MLP_UP=cublas: cuBLAS GEMMs, then the activation JVP as a separate Triton pass
+            pre = F.linear(x2, w1, b1)
+            hidden, thidden = act_jvp(pre, None if tx2 is None else F.linear(tx2, w1), activation)
+        if use_dual_gemm(hidden, thidden, w2, b2, by_default=LINEAR_DUAL_GEMM_BY_DEFAULT):
             y, ty, _ = dual_gemm(hidden, thidden, w2, b2, activation="none")
-            y = y.view(*lead, y.shape[-1])
-            ty = zeros_tangent(y) if ty is None else ty.view(*lead, y.shape[-1])
-            hidden = hidden.view(*lead, hidden.shape[-1])
-            pre = pre.view(*lead, pre.shape[-1]) if save_for_backward else x.new_empty(0)
-            return y, ty, pre, hidden
-        y, ty, pre, hidden = _mlp_jvp_reference(x, tx, w1, b1, w2, b2, activation)
-        return y, ty, pre if save_for_backward else x.new_empty(0), hidden
+        else:
+            y = F.linear(hidden, w2, b2)
+            ty = None if thidden is None else F.linear(thidden, w2)
+        y = y.view(*lead, y.shape[-1])
+        ty = zeros_tangent(y) if ty is None else ty.view(*lead, y.shape[-1])
+        hidden = hidden.view(*lead, hidden.shape[-1])
+        pre = pre.view(*lead, pre.shape[-1]) if save_for_backward else x.new_empty(0)
+        return y, ty, pre, hidden
 
 
 @_mlp_jvp_op.register_fake
@@ -175,8 +200,11 @@ def _backward(ctx, grad_y, _grad_ty, _grad_pre, _grad_hidden):
             grad_pre = torch.ops.aten.gelu_backward(grad_hidden, pre_2d, approximate="tanh")
         else:
             a, b = pre_2d.chunk(2, dim=-1)
-            grad_a = torch.ops.aten.silu_backward(grad_hidden * b, a)
-            grad_pre = torch.cat([grad_a, grad_hidden * F.silu(a)], dim=-1)
+            # Both halves written in place into one [M, 2 H] gradient (no concatenation pass).
+            grad_pre = torch.empty(pre_2d.shape, dtype=pre_2d.dtype, device=pre_2d.device)
+            half = a.shape[-1]
+            torch.ops.aten.silu_backward.grad_input(grad_hidden * b, a, grad_input=grad_pre[:, :half])
+            torch.mul(grad_hidden, F.silu(a), out=grad_pre[:, half:])
         if need_w1:
             dw1 = grad_pre.t() @ x_2d
         if need_b1 and ctx.has_b1:
