@@ -51,17 +51,32 @@ __device__ __forceinline__ void load(const T* __restrict__ p, float (&out)[E]) {
   }
 }
 
+// Raw bits of one element, widened to 32 bits.
+__device__ __forceinline__ uint32_t bits_of(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ uint32_t bits_of(__half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ uint32_t bits_of(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+
+// Stores in[0..E) converted to T at p. kAligned: as in load(); each 16-byte word is packed explicitly and written
+// with the st.global.wb.v4 intrinsic (a plain uint4 store was split into four 4-byte stores when the pointer came
+// from a struct parameter, the compiler no longer proving its alignment).
 template <int E, bool kAligned, typename T>
 __device__ __forceinline__ void store(T* __restrict__ p, const float (&in)[E]) {
   if constexpr (kAligned) {
     static_assert(E % kPer16<T> == 0, "vector width must cover whole 16-byte transactions");
+    static_assert(sizeof(T) == 4 || sizeof(T) == 2, "fp32, fp16 or bf16 elements");
 #pragma unroll
     for (int chunk = 0; chunk < E / kPer16<T>; ++chunk) {
-      uint4 raw;
-      T* vals = reinterpret_cast<T*>(&raw);
+      uint32_t words[4];
 #pragma unroll
-      for (int i = 0; i < kPer16<T>; ++i) vals[i] = from_f32<T>(in[chunk * kPer16<T> + i]);
-      reinterpret_cast<uint4*>(p)[chunk] = raw;
+      for (int w = 0; w < 4; ++w) {
+        if constexpr (sizeof(T) == 4) {
+          words[w] = bits_of(from_f32<T>(in[chunk * 4 + w]));
+        } else {
+          const int i = chunk * 8 + 2 * w;
+          words[w] = bits_of(from_f32<T>(in[i])) | (bits_of(from_f32<T>(in[i + 1])) << 16);
+        }
+      }
+      __stwb(reinterpret_cast<uint4*>(p) + chunk, make_uint4(words[0], words[1], words[2], words[3]));
     }
   } else {
 #pragma unroll
