@@ -21,12 +21,12 @@ from facm_ext.reference.attention import attention
 
 # name -> (B, H, Lq, Lk, D, tangents given for (q, k, v))
 CASES = {
+    "B1_L4096_D128": (1, 16, 4096, 4096, 128, (True, True, True)),
     "lightningdit_B16": (16, 16, 256, 256, 72, (True, True, True)),
     "lightningdit_B64": (64, 16, 256, 256, 72, (True, True, True)),
     "dit_xl2_512px_B16": (16, 16, 1024, 1024, 72, (True, True, True)),
-    "B1_L4096_D128": (1, 16, 4096, 4096, 128, (True, True, True)),
-    "wan_self_L32760": (1, 40, 32760, 32760, 128, (True, True, True)),
     "wan_cross_Lk512_tq_only": (1, 40, 32760, 512, 128, (True, False, False)),
+    "wan_self_L32760": (1, 40, 32760, 32760, 128, (True, True, True)),
 }
 # The math path materializes about six [B, H, Lq, Lk] bf16/fp32 tensors; skip it above this budget.
 MATH_PATH_BUDGET_GIB = 40.0
@@ -43,6 +43,14 @@ def _make(batch, heads, len_q, len_k, head_dim, tangents, *, requires_grad=False
     if requires_grad:
         q, k, v = (x.requires_grad_() for x in (q, k, v))
     return q, k, v, tq, tk, tv
+
+
+def _row(*args, **kwargs) -> dict:
+    """_harness.record, also printed as it comes (with -s), so a run cut short still reports what it measured."""
+    row = _harness.record(*args, **kwargs)
+    print("ROW", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                  if k not in ("device", "torch", "date")}, flush=True)
+    return row
 
 
 def _jvp_flops(batch, heads, len_q, len_k, head_dim):
@@ -69,7 +77,7 @@ def _timed(benchmark, fn, *, use_benchmark: bool):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bench_attention_jvp(benchmark, case):
+def test_bench_attention_jvp(benchmark, case, monkeypatch):
     _harness.require_cuda()
     batch, heads, len_q, len_k, head_dim, tangents = CASES[case]
     flops = _jvp_flops(batch, heads, len_q, len_k, head_dim)
@@ -81,47 +89,53 @@ def test_bench_attention_jvp(benchmark, case):
         ours()  # autotune and compile outside the timing
         ms_ours = _timed(benchmark, ours, use_benchmark=True)
         peak = _harness.peak_extra_memory_gib(ours)
-        _harness.record(group, case, "facm_ext attention_jvp (triton)", ms_ours, flops=flops, peak_gib=peak,
-                        note="12NMd counted" + (" (only tq: 8NMd done)" if tangents == (True, False, False) else ""))
+        from facm_ext.kernels import attention_jvp_triton
+
+        best = getattr(attention_jvp_triton._attention_jvp_fwd_autotuned, "best_config", None)
+        config = f"{best.kwargs['BLOCK_M']}x{best.kwargs['BLOCK_N']} w{best.num_warps} s{best.num_stages}" if best else "-"
+        _row(group, case, "facm_ext attention_jvp (triton)", ms_ours, flops=flops, peak_gib=peak,
+             note=f"12NMd counted{' (only tq: 8NMd done)' if tangents == (True, False, False) else ''}; "
+                  f"head split {attention_jvp_triton.split_head_dim(head_dim)}; config {config}")
 
         sdpa = functools.partial(F.scaled_dot_product_attention, q, k, v)
         sdpa()
         ms_sdpa = _harness.median_ms(sdpa)
-        _harness.record(group, case, "SDPA forward (primal only)", ms_sdpa, flops=flops / 3,
-                        peak_gib=_harness.peak_extra_memory_gib(sdpa), note=f"ours/SDPA fwd = {ms_ours / ms_sdpa:.2f}x")
+        _row(group, case, "SDPA forward (primal only)", ms_sdpa, flops=flops / 3,
+             peak_gib=_harness.peak_extra_memory_gib(sdpa), note=f"ours/SDPA fwd = {ms_ours / ms_sdpa:.2f}x")
 
         if head_dim == 72:
-            # The alternative to the 64+16 split: pad the head to 128 (same kernel, zero channels).
-            padded = [None if x is None else F.pad(x, (0, 128 - head_dim)) for x in (q, k, v, tq, tk, tv)]
-            ours_padded = functools.partial(attention_jvp, *padded, scale=head_dim ** -0.5)
-            ours_padded()
-            _harness.record(group, case, "facm_ext, head padded 72->128", _harness.median_ms(ours_padded),
-                            flops=flops, note="what the 64+16 split avoids")
+            # The alternative to splitting the head (64 + 32): padding it to 128, same kernel.
+            split_mode = attention_jvp_triton.head_split_mode()
+            monkeypatch.setenv("FACM_EXT_ATTN_HEAD_SPLIT", "0")
+            ours()
+            _row(group, case, "facm_ext, head padded 72->128", _harness.median_ms(ours), flops=flops,
+                 note=f"alternative to the default split (FACM_EXT_ATTN_HEAD_SPLIT={split_mode})")
+            monkeypatch.setenv("FACM_EXT_ATTN_HEAD_SPLIT", str(split_mode))
 
         math_gib = 6 * batch * heads * len_q * len_k * 4 / 2**30
         if math_gib > MATH_PATH_BUDGET_GIB:
             for impl in ("math-path torch.func.jvp eager", "math-path torch.func.jvp compiled"):
-                _harness.record(group, case, impl, float("nan"),
-                                note=f"skipped: needs ~{math_gib:.0f} GiB ([B,H,Lq,Lk] scores)")
+                _row(group, case, impl, float("nan"),
+                     note=f"skipped: needs ~{math_gib:.0f} GiB ([B,H,Lq,Lk] scores)")
             return
         run, args = _math_jvp_fn(q, k, v, tq, tk, tv)
         eager = functools.partial(run, *args)
         eager()
-        _harness.record(group, case, "math-path torch.func.jvp eager", _harness.median_ms(eager), flops=flops,
-                        peak_gib=_harness.peak_extra_memory_gib(eager))
+        _row(group, case, "math-path torch.func.jvp eager", _harness.median_ms(eager), flops=flops,
+             peak_gib=_harness.peak_extra_memory_gib(eager))
         compiled_run = torch.compile(run, fullgraph=True, dynamic=False)
         compiled = functools.partial(compiled_run, *args)
         try:
             compiled()
         except Exception as exc:  # noqa: BLE001 - the alternative failing to compile is itself the result to report
-            _harness.record(group, case, "math-path torch.func.jvp compiled", float("nan"),
-                            note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+            _row(group, case, "math-path torch.func.jvp compiled", float("nan"),
+                 note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
             return
-        _harness.record(group, case, "math-path torch.func.jvp compiled", _harness.median_ms(compiled), flops=flops,
-                        peak_gib=_harness.peak_extra_memory_gib(compiled))
+        _row(group, case, "math-path torch.func.jvp compiled", _harness.median_ms(compiled), flops=flops,
+             peak_gib=_harness.peak_extra_memory_gib(compiled))
 
 
-BACKWARD_CASES = ["lightningdit_B64", "dit_xl2_512px_B16", "B1_L4096_D128", "wan_cross_Lk512_tq_only"]
+BACKWARD_CASES = ["B1_L4096_D128", "lightningdit_B64", "dit_xl2_512px_B16", "wan_cross_Lk512_tq_only"]
 
 
 def _backward_timer(o, inputs):
@@ -141,7 +155,7 @@ def test_bench_attention_backward(benchmark, case, monkeypatch):
     sdpa_bwd = _backward_timer(o_sdpa, (q, k, v))
     sdpa_bwd()
     ms_sdpa = _harness.median_ms(sdpa_bwd)
-    _harness.record(group, case, "SDPA backward", ms_sdpa, flops=bwd_flops)
+    _row(group, case, "SDPA backward", ms_sdpa, flops=bwd_flops)
     del o_sdpa, sdpa_bwd
 
     for backend in ("default", "flash", "triton", "cudnn"):
@@ -157,12 +171,12 @@ def test_bench_attention_backward(benchmark, case, monkeypatch):
             try:
                 ours_bwd()
             except (RuntimeError, TypeError) as exc:  # a forced aten backward may reject our inputs: report it
-                _harness.record(group, case, f"facm_ext backward ({backend})", float("nan"),
-                                note=f"failed: {str(exc).splitlines()[0][:80]}")
+                _row(group, case, f"facm_ext backward ({backend})", float("nan"),
+                     note=f"failed: {str(exc).splitlines()[0][:80]}")
                 continue
         ms = _timed(benchmark, ours_bwd, use_benchmark=backend == "default")
-        _harness.record(group, case, f"facm_ext backward ({backend})", ms, flops=bwd_flops,
-                        note=f"vs SDPA backward {ms / ms_sdpa:.2f}x")
+        _row(group, case, f"facm_ext backward ({backend})", ms, flops=bwd_flops,
+             note=f"vs SDPA backward {ms / ms_sdpa:.2f}x")
         del o, ours_bwd
     monkeypatch.delenv("FACM_EXT_ATTN_BACKWARD", raising=False)
 

@@ -56,6 +56,18 @@ def test_interpreter_forward(dtype, shape, tangent_set):
         assert_rel_close(to, ref_to, dtype, what="to")
 
 
+@pytest.mark.parametrize("mode", ["16", "0"])
+@pytest.mark.parametrize("tangent_set", ["all", "tk_tv"])
+def test_interpreter_head_split_modes(mode, tangent_set, monkeypatch):
+    # 72 = 64 + 16 and 72 padded to 128 (the default 64 + 32 is covered above).
+    monkeypatch.setenv("FACM_EXT_ATTN_HEAD_SPLIT", mode)
+    q, k, v, tq, tk, tv = _inputs(1, 2, 40, 70, 72, torch.float32, TANGENT_SETS[tangent_set])
+    o, to = attention_jvp(q, k, v, tq, tk, tv)
+    ref_o, ref_to = _reference_jvp(q, k, v, tq, tk, tv)
+    assert_rel_close(o, ref_o, torch.float32, what="o")
+    assert_rel_close(to, ref_to, torch.float32, what="to")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("lengths", [[1, 130], [0, 77], [33, 64]])
 def test_interpreter_key_lengths_noncontiguous(dtype, lengths):

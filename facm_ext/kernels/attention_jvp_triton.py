@@ -12,9 +12,11 @@ Forward (docs jvp_math.md, "Softmax attention"), per query tile and per key tile
   O' = Acc_T / l - mu O, lse = (m + log2 l) * ln 2 (natural log, the layout [B, H, Lq] fp32 that PyTorch's
   flash backward reads too). Keys at or beyond the row's key length are never loaded as valid: P~ = 0, S' = 0.
 
-Head dims that are not a power of two are split into two power-of-two dot widths D0 + D1 (72 = 64 + 16 with the
-last 8 channels masked on load, 80 = 64 + 16, 96 = 64 + 32): every product is two dots, ~11% of the tensor-core
-work is padding at 72, against 44% when padding 72 to 128.
+Head dims that are not a power of two are split into two power-of-two dot widths D0 + D1 with the channels past
+head_dim masked on load (72 = 64 + 32, 80 = 64 + 32, 96 = 64 + 32): every product is two dots, and at 72 the dots do
+96 channels of work instead of 128 when padding to 128. The tighter 72 = 64 + 16 (80 channels) is available
+(FACM_EXT_ATTN_HEAD_SPLIT=16) but Triton 3.6 on sm_90 computes the 16-wide tangent products wrongly (see
+:func:`head_split_mode`).
 """
 
 from __future__ import annotations
@@ -37,12 +39,31 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def split_head_dim(head_dim: int) -> tuple[int, int]:
-    """head_dim -> (D0, D1): D0 the largest power of two <= head_dim, D1 a power of two >= 16 covering the rest
-    (0 when head_dim is a power of two). The kernels mask the channels in [head_dim, D0 + D1)."""
+def head_split_mode() -> int:
+    """FACM_EXT_ATTN_HEAD_SPLIT: 32 (default) splits head dims that are not powers of two as D0 + D1 with D1 >= 32;
+    16 allows D1 = 16 (72 = 64 + 16: least padding, but Triton 3.6 on sm_90 miscompiles the tangent's 16-wide
+    P V' product, measured on an H200: O' wrong in the last channels); 0 pads the head to a power of two."""
+    value = os.environ.get("FACM_EXT_ATTN_HEAD_SPLIT", "32").strip()
+    if value not in ("0", "16", "32"):
+        raise ValueError(f"FACM_EXT_ATTN_HEAD_SPLIT: expected 0, 16 or 32, got {value!r}")
+    return int(value)
+
+
+def split_head_dim(head_dim: int, mode: int | None = None) -> tuple[int, int]:
+    """head_dim -> (D0, D1): D0 the largest power of two <= head_dim and D1 a power of two >= the mode's minimum
+    (see :func:`head_split_mode`) covering the rest; the kernels mask the channels in [head_dim, D0 + D1).
+    When the split would not be narrower than padding (or mode 0, or a power of two) -> (next_power_of_2, 0).
+    72 -> (64, 32) by default: 96 channels of dot work instead of 128 when padding."""
+    if mode is None:
+        mode = head_split_mode()
+    padded = max(16, triton.next_power_of_2(head_dim))
     d0 = 1 << (head_dim.bit_length() - 1)
     rest = head_dim - d0
-    d1 = 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
+    if mode == 0 or rest == 0:
+        return padded, 0
+    d1 = max(mode, triton.next_power_of_2(rest))
+    if d0 + d1 >= padded:
+        return padded, 0
     return d0, d1
 
 
@@ -52,7 +73,10 @@ def head_dim_supported(head_dim: int) -> bool:
 
 
 def _autotune_enabled() -> bool:
-    return not interpreting() and os.environ.get("FACM_EXT_ATTN_AUTOTUNE", "1") != "0"
+    """Autotuning is on by default on the GPU; FACM_EXT_ATTN_AUTOTUNE=0 (or FACM_EXT_ATTN_FWD_CONFIG) fixes one
+    configuration per head width."""
+    return (not interpreting() and os.environ.get("FACM_EXT_ATTN_AUTOTUNE", "1") != "0"
+            and not os.environ.get("FACM_EXT_ATTN_FWD_CONFIG"))
 
 
 # ------------------------------------------------------------------------------------------------------ forward JVP
@@ -67,7 +91,7 @@ def _attention_jvp_fwd_kernel(
     stride_tvb, stride_tvh, stride_tvl,
     stride_ob, stride_oh, stride_ol,
     H, LQ, LK, HEAD_DIM, sm_scale,
-    D0: tl.constexpr, D1: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr,
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
     HAS_SCORE_TANGENT: tl.constexpr, HAS_TANGENT: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, LQ_BUCKET: tl.constexpr, LK_BUCKET: tl.constexpr,
@@ -83,14 +107,19 @@ def _attention_jvp_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d0 = tl.arange(0, D0)
     row_ok = offs_m < LQ
+    # Row masks for loads of D0-wide tiles: with the head padded to D0 > HEAD_DIM the pad channels are masked too.
+    q0_mask = row_ok[:, None]
+    if MASK_D0:
+        d0_ok = offs_d0 < HEAD_DIM
+        q0_mask = q0_mask & d0_ok[None, :]
 
     q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    q0 = tl.load(q_rows + offs_d0[None, :], mask=row_ok[:, None], other=0.0)
+    q0 = tl.load(q_rows + offs_d0[None, :], mask=q0_mask, other=0.0)
     if HAS_TQ:
         tq_rows = TQ + b * stride_tqb + h * stride_tqh + offs_m[:, None] * stride_tql
-        tq0 = tl.load(tq_rows + offs_d0[None, :], mask=row_ok[:, None], other=0.0)
+        tq0 = tl.load(tq_rows + offs_d0[None, :], mask=q0_mask, other=0.0)
     if HAS_TK:
         tk_base = TK + b * stride_tkb + h * stride_tkh
     if HAS_TV:
@@ -122,8 +151,11 @@ def _attention_jvp_fwd_kernel(
     for start_n in range(0, kv_len, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < kv_len
-        k0 = tl.load(k_base + cols[:, None] * stride_kl + offs_d0[None, :], mask=col_ok[:, None], other=0.0)
-        v0 = tl.load(v_base + cols[:, None] * stride_vl + offs_d0[None, :], mask=col_ok[:, None], other=0.0)
+        kv0_mask = col_ok[:, None]
+        if MASK_D0:
+            kv0_mask = kv0_mask & d0_ok[None, :]
+        k0 = tl.load(k_base + cols[:, None] * stride_kl + offs_d0[None, :], mask=kv0_mask, other=0.0)
+        v0 = tl.load(v_base + cols[:, None] * stride_vl + offs_d0[None, :], mask=kv0_mask, other=0.0)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
         if D1 > 0:
             kv1_mask = col_ok[:, None] & d1_ok[None, :]
@@ -138,8 +170,7 @@ def _attention_jvp_fwd_kernel(
                 if D1 > 0:
                     st = tl.dot(tq1, tl.trans(k1), st, input_precision=DOT_PRECISION)
             if HAS_TK:
-                tk0 = tl.load(tk_base + cols[:, None] * stride_tkl + offs_d0[None, :], mask=col_ok[:, None],
-                              other=0.0)
+                tk0 = tl.load(tk_base + cols[:, None] * stride_tkl + offs_d0[None, :], mask=kv0_mask, other=0.0)
                 st = tl.dot(q0, tl.trans(tk0), st, input_precision=DOT_PRECISION)
                 if D1 > 0:
                     tk1 = tl.load(tk_base + cols[:, None] * stride_tkl + offs_d1[None, :], mask=kv1_mask, other=0.0)
@@ -167,8 +198,7 @@ def _attention_jvp_fwd_kernel(
                 if D1 > 0:
                     acc_t1 = tl.dot(p_st_lo, v1, acc_t1, input_precision=DOT_PRECISION)
             if HAS_TV:
-                tv0 = tl.load(tv_base + cols[:, None] * stride_tvl + offs_d0[None, :], mask=col_ok[:, None],
-                              other=0.0)
+                tv0 = tl.load(tv_base + cols[:, None] * stride_tvl + offs_d0[None, :], mask=kv0_mask, other=0.0)
                 acc_t0 = tl.dot(p_lo, tv0, acc_t0, input_precision=DOT_PRECISION)
                 if D1 > 0:
                     tv1 = tl.load(tv_base + cols[:, None] * stride_tvl + offs_d1[None, :], mask=kv1_mask, other=0.0)
@@ -181,7 +211,7 @@ def _attention_jvp_fwd_kernel(
     o_rows = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol
     to_rows = TO + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol
     o0 = acc_o0 * inv_l[:, None]
-    tl.store(o_rows + offs_d0[None, :], o0.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(o_rows + offs_d0[None, :], o0.to(O.dtype.element_ty), mask=q0_mask)
     if D1 > 0:
         o1 = acc_o1 * inv_l[:, None]
         tl.store(o_rows + offs_d1[None, :], o1.to(O.dtype.element_ty), mask=row_ok[:, None] & d1_ok[None, :])
@@ -194,7 +224,7 @@ def _attention_jvp_fwd_kernel(
             to0 = to0 - mu[:, None] * o0
             if D1 > 0:
                 to1 = to1 - mu[:, None] * o1
-        tl.store(to_rows + offs_d0[None, :], to0.to(TO.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(to_rows + offs_d0[None, :], to0.to(TO.dtype.element_ty), mask=q0_mask)
         if D1 > 0:
             tl.store(to_rows + offs_d1[None, :], to1.to(TO.dtype.element_ty),
                      mask=row_ok[:, None] & d1_ok[None, :])
@@ -205,7 +235,7 @@ def _attention_jvp_fwd_kernel(
 def _fwd_configs():
     configs = []
     for block_m, block_n, warps, stages in [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3),
-                                            (128, 128, 8, 2), (64, 32, 4, 4)]:
+                                            (128, 128, 8, 2)]:
         configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
     return configs
 
@@ -226,6 +256,15 @@ _attention_jvp_fwd_autotuned = triton.autotune(
 
 
 def _default_fwd_config(width: int) -> dict:
+    """The configuration used without autotuning; FACM_EXT_ATTN_FWD_CONFIG="BLOCK_M,BLOCK_N,warps,stages" overrides."""
+    override = os.environ.get("FACM_EXT_ATTN_FWD_CONFIG", "").strip()
+    if override:
+        try:
+            block_m, block_n, warps, stages = (int(x) for x in override.split(","))
+        except ValueError as exc:
+            raise ValueError(f"FACM_EXT_ATTN_FWD_CONFIG: expected 'BLOCK_M,BLOCK_N,num_warps,num_stages', "
+                             f"got {override!r}") from exc
+        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
     if interpreting():
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     if width > 64:
@@ -275,13 +314,14 @@ def attention_jvp_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq:
         heads, len_q, len_k, head_dim, float(scale),
     )
     constexprs = dict(
-        D0=d0, D1=d1, HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None,
+        D0=d0, D1=d1, MASK_D0=d0 > head_dim, HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None,
         HAS_SCORE_TANGENT=tq is not None or tk is not None, HAS_TANGENT=has_tangent,
         HAS_KEY_LENGTHS=key_lengths is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        LQ_BUCKET=_bucket(len_q), LK_BUCKET=_bucket(len_k),
+        LQ_BUCKET=0, LK_BUCKET=0,
     )
     if _autotune_enabled():
+        constexprs.update(LQ_BUCKET=_bucket(len_q), LK_BUCKET=_bucket(len_k))
         grid = lambda meta: (triton.cdiv(len_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
         _attention_jvp_fwd_autotuned[grid](*args, **constexprs)
     else:
@@ -410,9 +450,9 @@ def _attention_bwd_dq_kernel(
 
 def _bwd_configs(kind: str):
     if kind == "dkdv":
-        shapes = [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3)]
+        shapes = [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)]
     else:
-        shapes = [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
+        shapes = [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
@@ -443,12 +483,13 @@ def attention_backward(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     lse = lse.float().contiguous()
     common = dict(BLOCK_D=max(16, triton.next_power_of_2(head_dim)), HAS_KEY_LENGTHS=key_lengths is not None,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                  LQ_BUCKET=_bucket(len_q), LK_BUCKET=_bucket(len_k))
+                  LQ_BUCKET=0, LK_BUCKET=0)
     tail = (heads, len_q, len_k, head_dim, float(scale))
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_o))
     dkdv_args = (q, k, v, grad_o, lse, delta, dk, dv, key_lengths, *strides, *_strides3(dk), *tail)
     dq_args = (q, k, v, grad_o, lse, delta, dq, key_lengths, *strides, *_strides3(dq), *tail)
     if _autotune_enabled():
+        common.update(LQ_BUCKET=_bucket(len_q), LK_BUCKET=_bucket(len_k))
         _attention_bwd_dkdv_autotuned[lambda meta: (triton.cdiv(len_k, meta["BLOCK_N"]), batch * heads)](
             *dkdv_args, **common)
         _attention_bwd_dq_autotuned[lambda meta: (triton.cdiv(len_q, meta["BLOCK_M"]), batch * heads)](
