@@ -131,6 +131,8 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
         raise ValueError(f"--teacher-from: no file at {args.teacher_from}")
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         raise ValueError(f"--resume: no checkpoint file at {args.resume}")
+    if args.objective == "meanflow" and world_size > 1:
+        raise ValueError("--objective meanflow: runs in a single process only (not under torchrun)")
     if args.stage1_steps + args.facm_steps == 0 and args.teacher_from is None:
         raise ValueError("--stage1-steps and --facm-steps are both 0: nothing to train or evaluate")
 
@@ -354,10 +356,23 @@ def load_teacher(path: str, config: dict, device, trust_pickle: bool) -> torch.n
     return teacher.to(device).eval().requires_grad_(False)
 
 
+def teacher_from_ema(ema_state: dict, config: dict, objective: str, device) -> torch.nn.Module:
+    """The frozen stage-1 teacher: a plain model with the EMA weights (for MeanFlow, those of the wrapped model;
+    stage 1 trains only the wrapped model)."""
+    if objective == "meanflow":
+        ema_state = {k[len("model."):]: v for k, v in ema_state.items() if k.startswith("model.")}
+    teacher = build_model(config).to(device)
+    missing, unexpected = teacher.load_state_dict(ema_state, strict=False)
+    parameters = dict(teacher.named_parameters())
+    if unexpected or any(name in parameters for name in missing):
+        raise RuntimeError(f"EMA state does not match the teacher: missing {missing}, unexpected {unexpected}")
+    return teacher.eval().requires_grad_(False)
+
+
 def start_stage2(state: TrainState, args, config: dict, device, dist: Dist) -> None:
     """Freeze the teacher (stage-1 EMA weights), start the student from them, fresh optimizer and EMA."""
     if state.teacher is None:
-        state.teacher = state.ema.module(config, "facm", device)
+        state.teacher = teacher_from_ema(state.ema.full_state(), config, args.objective, device)
     teacher_state = state.teacher.state_dict()
     student_state = full_model_state(state.model, dist)
     if args.objective == "meanflow":
@@ -475,7 +490,9 @@ def train(args, out: Path, device, dist: Dist) -> TrainState:
         x, y, t, noise = (v[local].to(device) for v in (x, y, t, noise))
         with autocast:
             if in_stage1:
-                losses = facm.stage1_loss(state.model, x, y, t=t, noise=noise)
+                # MeanFlow: stage 1 trains the wrapped one-time model, which becomes the teacher.
+                net = state.model.model if isinstance(state.model, facm.TwoTimeModel) else state.model
+                losses = facm.stage1_loss(net, x, y, t=t, noise=noise)
             elif args.objective == "meanflow":
                 losses = facm.meanflow_loss(state.model, x, y, t=t, r=r[local].to(device), noise=noise,
                                             teacher=state.teacher, cfg_scale=args.cfg_scale,
@@ -500,7 +517,7 @@ def train(args, out: Path, device, dist: Dist) -> TrainState:
         if state.step % args.ckpt_every == 0 or state.step == total or state.step == stage1_steps:
             save_training_checkpoint(state, args, out, dist)
     if state.teacher is None and args.facm_steps == 0 and stage1_steps > 0:
-        state.teacher = state.ema.module(config, "facm", device)
+        state.teacher = teacher_from_ema(state.ema.full_state(), config, args.objective, device)
         if dist.main:
             ckpt.save_checkpoint({"format": "facm_ext.teacher/1", "model_config": config,
                                   "ema": {k: v.cpu() for k, v in state.teacher.state_dict().items()}},
@@ -547,7 +564,8 @@ def evaluate(state: TrainState, args, out: Path, device, ema_state: dict) -> dic
         samples = torch.cat(chunks)
         quality = digits.sample_quality(classifier, samples, labels, data.test_x)
         rows.append({"model": name.split(",")[0], "sampler": name, "nfe": nfe, **quality})
-        file = name.replace(",", "").replace(" ", "_").replace("=", "") + ".png"
+        file = "".join(c if c.isalnum() or c in "-_" else "_" for c in name.replace(", ", "_")).strip("_")
+        file = "_".join(part for part in file.split("_") if part) + ".png"
         write_png(out / file, image_grid(samples[:100], nrow=10))
         return samples
 
@@ -563,10 +581,11 @@ def evaluate(state: TrainState, args, out: Path, device, ema_state: dict) -> dic
         run(f"teacher, Euler {args.teacher_steps} steps",
             lambda z, yy: facm.sample_flow(teacher, z, yy, args.teacher_steps, cfg_scale=args.cfg_scale,
                                            guidance_interval=(low, high), null_class=null_class), guided_nfe)
-        run("teacher, Euler 2 steps",
-            lambda z, yy: facm.sample_flow(teacher, z, yy, 2, cfg_scale=args.cfg_scale,
-                                           guidance_interval=(low, high), null_class=null_class),
-            sum(2 if low <= i / 2 <= high and args.cfg_scale != 1 else 1 for i in range(2)))
+        if args.teacher_steps != 2:
+            run("teacher, Euler 2 steps",
+                lambda z, yy: facm.sample_flow(teacher, z, yy, 2, cfg_scale=args.cfg_scale,
+                                               guidance_interval=(low, high), null_class=null_class),
+                sum(2 if low <= i / 2 <= high and args.cfg_scale != 1 else 1 for i in range(2)))
     if args.facm_steps > 0:
         student = state.ema.module(config, args.objective, device, ema_state)
         name = "FACM" if args.objective == "facm" else "MeanFlow"

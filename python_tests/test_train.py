@@ -1,0 +1,234 @@
+"""The trainer CLI (python -m facm_ext.train): end-to-end runs of both stages on the CPU, bit-for-bit resume,
+checkpoint integrity, official-weight loading, bad configurations, and the PNG / metric helpers."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from facm_ext.facm import checkpoint as ckpt
+from facm_ext.facm import digits
+from facm_ext.facm.png import encode_png, image_grid
+
+pytest.importorskip("sklearn")
+train = pytest.importorskip("facm_ext.train")
+
+TINY = ["--hidden-size", "32", "--depth", "2", "--num-heads", "2", "--batch", "8", "--threads", "1",
+        "--eval-samples", "20", "--eval-batch", "20", "--teacher-steps", "3", "--log-every", "100"]
+
+
+def run(tmp: Path, *extra) -> dict | None:
+    return train.main(["--output-dir", str(tmp), *TINY, *extra])
+
+
+def test_default_run_end_to_end(tmp_path):
+    results = run(tmp_path, "--stage1-steps", "3", "--facm-steps", "2", "--ckpt-every", "2")
+    samplers = [r["sampler"] for r in results["rows"]]
+    assert samplers == ["training split vs held-out", "teacher, Euler 3 steps", "teacher, Euler 2 steps",
+                        "FACM, 1-step", "FACM, 2-step"]
+    assert [r["nfe"] for r in results["rows"]][-2:] == [1, 2]
+    assert all(r["fd"] >= 0 and 0 <= r["accuracy"] <= 1 for r in results["rows"])
+    for name in ("real.png", "FACM_1-step.png", "FACM_2-step.png", "results.json", train.TEACHER_FILE):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "real.png").read_bytes().startswith(b"\x89PNG")
+    kept = [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")]
+    assert kept == ["ckpt-00000004.pt", "ckpt-00000005.pt"]  # keep 2: steps 2, 3 (end of stage 1) pruned
+    final = ckpt.load_checkpoint(tmp_path / "checkpoints" / "ckpt-00000005.pt")
+    assert final["step"] == 5 and final["teacher"] is not None
+
+
+def _final_state(folder: Path, step: int) -> dict:
+    return ckpt.load_checkpoint(folder / "checkpoints" / ckpt.checkpoint_name(step))
+
+
+def _assert_identical(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            _assert_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("resume_step", [2, 4])  # inside stage 1 (crossing the stage switch), inside stage 2
+def test_resume_is_bit_for_bit(tmp_path, resume_step):
+    common = ["--stage1-steps", "3", "--facm-steps", "3", "--ckpt-every", "2", "--keep-checkpoints", "10",
+              "--no-eval"]
+    straight = tmp_path / "straight"
+    run(straight, *common)
+    resumed = tmp_path / "resumed"
+    start = straight / "checkpoints" / ckpt.checkpoint_name(resume_step)
+    run(resumed, *common, "--resume", str(start))
+    a, b = _final_state(straight, 6), _final_state(resumed, 6)
+    for key in ("model", "ema", "ema_updates", "optimizer", "teacher", "rng", "step"):
+        _assert_identical(a[key], b[key], key)
+
+
+def test_resume_auto_continues_a_longer_run(tmp_path):
+    run(tmp_path / "a", "--stage1-steps", "2", "--facm-steps", "2", "--ckpt-every", "1", "--no-eval")
+    run(tmp_path / "b", "--stage1-steps", "2", "--facm-steps", "1", "--ckpt-every", "1", "--no-eval")
+    run(tmp_path / "b", "--stage1-steps", "2", "--facm-steps", "2", "--ckpt-every", "1", "--no-eval",
+        "--resume", "auto")
+    _assert_identical(_final_state(tmp_path / "a", 4)["model"], _final_state(tmp_path / "b", 4)["model"])
+
+
+def test_resume_rejects_a_different_configuration(tmp_path):
+    run(tmp_path, "--stage1-steps", "2", "--facm-steps", "0", "--ckpt-every", "1", "--no-eval")
+    with pytest.raises(ValueError, match="--lr"):
+        run(tmp_path, "--stage1-steps", "2", "--facm-steps", "0", "--no-eval", "--lr", "0.01", "--resume", "auto")
+
+
+def test_checkpoint_corruption_is_detected_and_previous_kept(tmp_path):
+    run(tmp_path, "--stage1-steps", "2", "--facm-steps", "0", "--ckpt-every", "1", "--no-eval")
+    folder = tmp_path / "checkpoints"
+    first, second = ckpt.list_checkpoints(folder)
+    good_bytes = first.read_bytes()
+    data = second.read_bytes()
+    second.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="truncated"):
+        ckpt.load_checkpoint(second)
+    with pytest.raises(ckpt.CheckpointError, match=str(second.name)):
+        run(tmp_path, "--stage1-steps", "2", "--facm-steps", "0", "--no-eval", "--resume", "auto")
+    flipped = bytearray(data)
+    flipped[-100] ^= 0xFF
+    second.write_bytes(bytes(flipped))
+    with pytest.raises(ckpt.CheckpointError, match="corrupted"):
+        ckpt.load_checkpoint(second)
+    second.write_bytes(b"not a checkpoint")
+    with pytest.raises(ckpt.CheckpointError, match="not a facm_ext"):
+        ckpt.load_checkpoint(second)
+    assert first.read_bytes() == good_bytes
+    assert ckpt.load_checkpoint(first)["step"] == 1
+
+
+def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt-00000001.pt"
+    ckpt.save_checkpoint({"step": 1, "w": torch.arange(4)}, path)
+    before = path.read_bytes()
+
+    def failing_write(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.os, "fsync", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint({"step": 2, "w": torch.arange(8)}, path)
+    assert path.read_bytes() == before
+    assert ckpt.load_checkpoint(path)["step"] == 1
+
+
+def _official_like_state(config: dict, seed: int) -> dict:
+    from facm_ext.models import LightningDiT
+
+    torch.manual_seed(seed)
+    model = LightningDiT(**config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_load_official_lightningdit_and_facm_layouts(tmp_path):
+    from facm_ext.models import LightningDiT
+
+    config = train.model_config(train.build_parser().parse_args(TINY))
+    weights = _official_like_state(config, seed=3)
+    other = _official_like_state(config, seed=4)
+    # LightningDiT train.py layout with a DDP prefix, saved to a local file
+    path = tmp_path / "lightningdit.pt"
+    torch.save({"model": {f"module.{k}": v for k, v in other.items()},
+                "ema": {f"module.{k}": v for k, v in weights.items()}}, path)
+    model = ckpt.load_official_weights(str(path), LightningDiT(**config))
+    for k, v in weights.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    # FACM train.py layout: PostHocEMA state, ema_models.1 is the one FACM uses
+    facm_layout = {"model": other, "emas": {**{f"ema_models.0.ema_model.{k}": v for k, v in other.items()},
+                                            **{f"ema_models.1.ema_model.{k}": v for k, v in weights.items()}}}
+    model = ckpt.load_official_weights(facm_layout, LightningDiT(**config))
+    for k, v in weights.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    # wrong shapes: a clear error listing the keys
+    bad = dict(weights)
+    bad["final_layer.linear.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="final_layer.linear.weight"):
+        ckpt.load_official_weights({"ema": bad}, LightningDiT(**config))
+
+
+def test_distill_from_an_official_checkpoint(tmp_path):
+    config = train.model_config(train.build_parser().parse_args(TINY))
+    path = tmp_path / "official.pt"
+    torch.save({"ema": _official_like_state(config, seed=5)}, path)
+    results = run(tmp_path / "out", "--teacher-from", str(path), "--stage1-steps", "0", "--facm-steps", "2",
+                  "--fm-weight", "0", "--jvp", "torch")
+    assert results["rows"][-1]["sampler"] == "FACM (fm_weight=0), 2-step"
+    saved = ckpt.load_checkpoint(tmp_path / "out" / "checkpoints" / ckpt.checkpoint_name(2))
+    for k, v in _official_like_state(config, seed=5).items():
+        assert torch.equal(saved["teacher"][k], v), k
+
+
+def test_meanflow_objective_runs(tmp_path):
+    results = run(tmp_path, "--stage1-steps", "2", "--facm-steps", "2", "--objective", "meanflow",
+                  "--cfg-scale", "1.0")
+    assert [r["sampler"] for r in results["rows"]][-2:] == ["MeanFlow, 1-step", "MeanFlow, 2-step"]
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--num-heads", "3"], "--num-heads"),
+    (["--hidden-size", "24", "--num-heads", "4"], "head dim"),
+    (["--batch", "0"], "--batch"),
+    (["--fm-weight", "-1"], "--fm-weight"),
+    (["--ema-decay", "1.0"], "--ema-decay"),
+    (["--lr", "0"], "--lr"),
+    (["--guidance-interval", "0.9", "0.1"], "--guidance-interval"),
+    (["--stage1-steps", "0"], "--teacher-from"),
+    (["--resume", "/nonexistent/ckpt.pt"], "--resume"),
+    (["--teacher-from", "/nonexistent/teacher.pt"], "--teacher-from"),
+    (["--device", "tpu"], "--device"),
+])
+def test_bad_configurations_are_rejected(tmp_path, flags, match):
+    with pytest.raises(ValueError, match=match):
+        run(tmp_path, *flags)
+
+
+def test_unknown_flag_exits_with_usage(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--no-such-flag")
+    assert "usage" in capsys.readouterr().err
+
+
+def test_png_encoding_round_trip():
+    image = torch.arange(12 * 7, dtype=torch.uint8).reshape(12, 7)
+    data = encode_png(image)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height, depth, color = struct.unpack(">IIBB", data[16:26])
+    assert (width, height, depth, color) == (7, 12, 8, 0)
+    idat_len = struct.unpack(">I", data[33:37])[0]
+    raw = zlib.decompress(data[41:41 + idat_len])
+    rows = [raw[i * 8 + 1:(i + 1) * 8] for i in range(12)]
+    assert b"".join(rows) == bytes(image.flatten().tolist())
+    grid = image_grid(torch.zeros(3, 1, 2, 2), nrow=2, scale=2, padding=1)
+    assert grid.shape == (2 * 5 + 1, 2 * 5 + 1)
+    with pytest.raises(ValueError, match="image"):
+        encode_png(torch.zeros(3, 3))
+
+
+def test_frechet_distance():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 5, generator=g, dtype=torch.float64)
+    assert digits.frechet_distance(a, a) < 1e-8
+    shift = torch.tensor([1.0, 0, 0, 2.0, 0], dtype=torch.float64)
+    assert abs(digits.frechet_distance(a, a + shift) - 5.0) < 1e-6
+    # scaled covariance: tr(S + 4S - 2 * 2S) = tr(S)
+    value = digits.frechet_distance(a, 2 * a)
+    mu = a.mean(0)
+    expected = mu.square().sum().item() + torch.cov(a.T).trace().item()
+    assert abs(value - expected) < 1e-6
