@@ -32,16 +32,17 @@ from ._rules import call_op
 
 
 def _norm_spec(norm: nn.Module, channels: int):
-    """("layer" | "rms", weight or None, eps, output-dtype policy) of a block norm, or None when unsupported."""
+    """("layer" | "rms", has weight, eps, output-dtype policy) of a block norm, or None when unsupported. The
+    weight itself is read at call time (FSDP swaps parameter objects between sharded and unsharded)."""
     if type(norm) is nn.LayerNorm:
         if tuple(norm.normalized_shape) != (channels,) or norm.bias is not None:
             return None
-        return "layer", (norm.weight if norm.elementwise_affine else None), float(norm.eps), "promote"
+        return "layer", norm.weight is not None, float(norm.eps), "promote"
     rms_norm_type = getattr(nn, "RMSNorm", None)
     if rms_norm_type is not None and type(norm) is rms_norm_type:
         if tuple(norm.normalized_shape) != (channels,) or norm.eps is None:
             return None
-        return "rms", norm.weight, float(norm.eps), "promote"
+        return "rms", norm.weight is not None, float(norm.eps), "promote"
     from ._modules import _pattern_for
 
     rule = _pattern_for(norm)
@@ -49,7 +50,7 @@ def _norm_spec(norm: nn.Module, channels: int):
     if spec is None or norm.weight.shape[0] != channels:
         return None
     eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
-    return "rms", norm.weight, float(eps), spec[1]
+    return "rms", True, float(eps), spec[1]
 
 
 def adaln_block_rule(module: nn.Module):
@@ -90,7 +91,8 @@ def adaln_block_rule(module: nn.Module):
 
 def _adaln(x, shift, scale, spec, norm_module: nn.Module):
     """norm(x) * (1 + scale) + shift for [B, C] shift/scale, fused; falls back to the block's own expression."""
-    kind, weight, eps, policy = spec
+    kind, has_weight, eps, policy = spec
+    weight = norm_module.weight if has_weight else None
     x_p, x_t = split_dual(x)
     out_dtype = x_p.dtype
     if weight is not None and policy == "promote":
@@ -143,9 +145,9 @@ def _first_sample(value, batch: int):
 
 
 def _verify(block: nn.Module, args: tuple, norms) -> tuple[bool, Optional[str]]:
-    """Compare the fused form with the block's own forward (under the transform) on the first sample."""
-    from ._modules import _saved_call_of
-
+    """Compare the fused form with the block's own forward (under the transform, without the block's hooks,
+    which the pattern requires to be absent or, under run_module, to be handled by the caller) on the first
+    sample."""
     params = list(block.parameters())
     if not params or any(p.dtype not in (torch.float32, torch.float64) for p in params):
         return False, "not verified: parameters are not fp32/fp64, so the fused form keeps per-op fusion only"
@@ -154,7 +156,7 @@ def _verify(block: nn.Module, args: tuple, norms) -> tuple[bool, Optional[str]]:
     report, STATE.report = STATE.report, None
     try:
         with torch.no_grad(), torch.autocast(params[0].device.type, enabled=False):
-            reference = _saved_call_of()(block, *sample)
+            reference = block.forward(*sample)
             fused = _fused_forward(block, sample, norms)
     finally:
         STATE.report = report

@@ -84,8 +84,20 @@ def register_module_call_handler(predicate: Callable[[nn.Module], bool], handler
 
 
 def run_module(module: nn.Module, args: tuple, kwargs: dict):
-    """The module's own forward under the active transform, without its forward hooks or pre-hooks."""
-    return module.forward(*args, **(kwargs or {}))
+    """The module's own forward under the active transform, without its forward hooks or pre-hooks: a rule
+    registered for its type or a recognized pattern when an argument carries a tangent, else ``forward``."""
+    kwargs = kwargs or {}
+    if STATE.depth > 0 and _any_tangent(args, kwargs):
+        rule = _user_rule(type(module))
+        if rule is not None:
+            record_fused(f"{type(module).__name__} -> registered rule")
+            return rule(module, args, kwargs)
+        pattern = _pattern_for(module)
+        if pattern is not None:
+            out = pattern(module, args, kwargs)
+            if out is not NotImplemented:
+                return out
+    return module.forward(*args, **kwargs)
 
 
 def _user_rule(module_type: type) -> Optional[Callable]:
@@ -107,11 +119,6 @@ def _user_rule(module_type: type) -> Optional[Callable]:
 _install_lock = threading.Lock()
 _install_count = 0
 _saved_call: Optional[Callable] = None
-
-
-def _saved_call_of():
-    """The original nn.Module.__call__ saved by install()."""
-    return _saved_call
 
 
 def _patched_call(self, *args, **kwargs):
@@ -188,6 +195,8 @@ _NOT_A_PATTERN = object()
 
 
 def _pattern_for(module: nn.Module) -> Optional[Callable]:
+    if "forward" in module.__dict__:
+        return None  # forward replaced on the instance: the verified behaviour may no longer hold
     try:
         cached = _PATTERN_CACHE[module]
     except KeyError:
