@@ -342,6 +342,8 @@ def _classify(func) -> tuple[str, str]:
         kind = "unary"
     elif name in ("masked_fill", "pad"):
         kind = name
+    elif name in ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
+        kind = "conv"
     else:
         kind = "generic"
     try:
@@ -426,6 +428,16 @@ def fallback(func, args: tuple, kwargs: dict, *, tangent_context: Optional[Calla
             if first_dual and not _carries_tangent(value):
                 mask = args[1] if len(args) > 1 else kwargs["mask"]
                 tangents_flat = [args[0]._facm_tangent.masked_fill(mask, 0)]
+        elif kind == "conv":
+            # Linear in the input: the tangent is the same convolution of the input's tangent, without bias.
+            if first_dual and len(args) >= 2 and all(i == 0 or flat[i]._facm_tangent is None for i in dual_idx):
+                rest = list(args[1:])
+                conv_kwargs = dict(kwargs)
+                if len(rest) >= 2:
+                    rest[1] = None
+                else:
+                    conv_kwargs["bias"] = None
+                tangents_flat = [func(args[0]._facm_tangent, *rest, **conv_kwargs)]
         elif kind == "pad":
             if first_dual:
                 _, pad, mode = _pad_arguments(args, kwargs)
