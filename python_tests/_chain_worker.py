@@ -28,6 +28,8 @@ from facm_ext.chain import ChainJVP, GatherMonitor  # noqa: E402
 from facm_ext.models import LightningDiT, wan_small  # noqa: E402
 
 BATCH = 2
+# cuda:LOCAL_RANK under FACM_CHAIN_WORKER_BACKEND=nccl (2 GPUs), else the CPU (gloo).
+DEVICE = torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -98,14 +100,14 @@ def tiny_lightningdit(depth: int = 4) -> LightningDiT:
     model = LightningDiT(input_size=4, patch_size=1, in_channels=4, hidden_size=32, depth=depth, num_heads=2,
                          num_classes=10).double()
     randomize(model, 1)
-    return model
+    return model.to(DEVICE)
 
 
 def tiny_wan(layers: int = 3):
     torch.manual_seed(0)
     model = wan_small(num_layers=layers).double()
     randomize(model, 2, scale=0.1)
-    return model
+    return model.to(DEVICE)
 
 
 def reference_chain(blocks, step, carry, carry_tangent, context, context_tangents, kwargs):
@@ -150,7 +152,7 @@ def run_chain_case(model, reference, step, carry, carry_tangent, context, contex
     reference.zero_grad(set_to_none=True)
     ref_out, ref_tangent = reference_chain(reference.blocks, step, ref_inputs[0], carry_tangent, ref_context,
                                            context_tangents, kwargs)
-    weight = torch.randn(ref_out.shape, generator=generator, dtype=ref_out.dtype)
+    weight = torch.randn(ref_out.shape, generator=generator, dtype=ref_out.dtype).to(DEVICE)
     (ref_out * weight).sum().backward()
 
     inputs = [x.detach().clone().requires_grad_(mode != "tangent") for x in leaf_inputs]
@@ -193,18 +195,19 @@ def run_chain_case(model, reference, step, carry, carry_tangent, context, contex
 
 def lightningdit_chain_inputs(model):
     generator = torch.Generator().manual_seed(3)
-    tokens = torch.randn(BATCH, 16, 32, generator=generator, dtype=torch.float64)
-    c = torch.randn(BATCH, 32, generator=generator, dtype=torch.float64)
+    tokens = torch.randn(BATCH, 16, 32, generator=generator, dtype=torch.float64).to(DEVICE)
+    c = torch.randn(BATCH, 32, generator=generator, dtype=torch.float64).to(DEVICE)
     return tokens, torch.randn_like(tokens), (c, model.feat_rope), (torch.randn_like(c), None), {}
 
 
 def wan_chain_inputs(reference):
     generator = torch.Generator().manual_seed(4)
-    x = torch.randn(BATCH, 4, 2, 4, 4, generator=generator, dtype=torch.float64)
-    t = torch.rand(BATCH, generator=generator, dtype=torch.float64)
-    context = torch.randn(BATCH, 8, 32, generator=generator, dtype=torch.float64)
+    x = torch.randn(BATCH, 4, 2, 4, 4, generator=generator, dtype=torch.float64).to(DEVICE)
+    t = torch.rand(BATCH, generator=generator, dtype=torch.float64).to(DEVICE)
+    context = torch.randn(BATCH, 8, 32, generator=generator, dtype=torch.float64).to(DEVICE)
     with torch.no_grad():
-        tokens, _, kw = reference.prepare(x, t, context, seq_len=10, context_lens=torch.tensor([8, 5]))
+        tokens, _, kw = reference.prepare(x, t, context, seq_len=10,
+                                          context_lens=torch.tensor([8, 5], device=DEVICE))
     e = kw["e"]
     positional = (e, kw["context"], kw["rope_cos"], kw["rope_sin"])
     tangents = (torch.randn_like(e), None, None, None)
@@ -307,25 +310,26 @@ def scenario_transform(kind: str):
     generator = torch.Generator().manual_seed(6)
     if kind == "lightningdit":
         model = tiny_lightningdit()
-        x = torch.randn(BATCH, 4, 4, 4, generator=generator, dtype=torch.float64)
-        y = torch.tensor([1, 10])
+        x = torch.randn(BATCH, 4, 4, 4, generator=generator, dtype=torch.float64).to(DEVICE)
+        y = torch.tensor([1, 10], device=DEVICE)
 
         def make_fn(net):
             return lambda x_, t_: net(x_, t_, y)
     else:
         model = tiny_wan()
-        x = torch.randn(BATCH, 4, 2, 4, 4, generator=generator, dtype=torch.float64)
-        context = torch.randn(BATCH, 8, 32, generator=generator, dtype=torch.float64)
+        x = torch.randn(BATCH, 4, 2, 4, 4, generator=generator, dtype=torch.float64).to(DEVICE)
+        context = torch.randn(BATCH, 8, 32, generator=generator, dtype=torch.float64).to(DEVICE)
+        context_lens = torch.tensor([8, 5], device=DEVICE)
 
         def make_fn(net):
-            return lambda x_, t_: net(x_, t_, context, seq_len=10, context_lens=torch.tensor([8, 5]))
-    t = torch.rand(BATCH, generator=generator, dtype=torch.float64)
-    v = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+            return lambda x_, t_: net(x_, t_, context, seq_len=10, context_lens=context_lens)
+    t = torch.rand(BATCH, generator=generator, dtype=torch.float64).to(DEVICE)
+    v = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(DEVICE)
     reference = copy.deepcopy(model)
     shard(model)
     with sdpa_kernel(SDPBackend.MATH):
         ref_out, ref_tangent = torch.func.jvp(make_fn(reference), (x, t), (v, torch.ones_like(t)))
-    weight = torch.randn(ref_out.shape, generator=generator, dtype=ref_out.dtype)
+    weight = torch.randn(ref_out.shape, generator=generator, dtype=ref_out.dtype).to(DEVICE)
     (ref_out * weight).sum().backward()
     _handler.register_with_transform()
     _handler.set_prefetch(1)
@@ -346,19 +350,22 @@ def scenario_transform(kind: str):
         results[attempt] = case
     # An exception inside a block (with the next block prefetched) on every rank: everything resharded, and the
     # next call exact again.
+    # A registered module rule is what the transform runs first for a module (before patterns or forward).
     failing = model.blocks[1]
 
-    def broken_forward(*args, **kwargs):
-        raise RuntimeError("planned failure in block 1")
+    def failing_rule(module, args, kwargs):
+        if module is failing:
+            raise RuntimeError("planned failure in block 1")
+        return module.forward(*args, **kwargs)
 
-    failing.forward = broken_forward
+    transform.register_jvp_rule(type(failing), failing_rule)
     try:
         transform.jvp(make_fn(model), (x, t), (v, torch.ones_like(t)))
         results["raised"] = False
     except RuntimeError as exc:
         results["raised"] = "planned failure" in str(exc)
     finally:
-        del failing.forward
+        transform.register_jvp_rule(type(failing), None)
     results["resharded_after_error"] = all_blocks_resharded(model.blocks)
     model.zero_grad(set_to_none=True)
     with GatherMonitor(model.blocks) as monitor:
@@ -380,10 +387,10 @@ def scenario_fsdp1():
         return {"skip": "FSDP1 refuses CPU-only processes; run with FACM_CHAIN_WORKER_BACKEND=nccl on 2 GPUs"}
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = DEVICE
     results = {}
     for mode in ("tangent", "hybrid"):
-        model = tiny_lightningdit().to(device)
+        model = tiny_lightningdit()
         reference = copy.deepcopy(model)
         model.blocks = nn.ModuleList(FSDP(block, use_orig_params=True, device_id=device) for block in model.blocks)
         carry, carry_tangent, context, context_tangents, kwargs = lightningdit_chain_inputs(model)
@@ -447,9 +454,11 @@ SCENARIOS = {
 def main() -> None:
     out_path = sys.argv[1]
     names = sys.argv[2:] or list(SCENARIOS)
+    global DEVICE
     backend = os.environ.get("FACM_CHAIN_WORKER_BACKEND", "gloo")
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        DEVICE = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(DEVICE)
     dist.init_process_group(backend)
     rank = dist.get_rank()
     results = {}
@@ -465,6 +474,8 @@ def main() -> None:
         merged["_torch"] = torch.__version__
         with open(out_path, "w") as f:
             json.dump(merged, f, indent=1, default=str)
+    # Both ranks leave together: a rank tearing gloo down while the other still writes can abort the process.
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -2,9 +2,10 @@
 
 Single-process tests (plain blocks, no FSDP) compare ChainJVP with ``torch.func.jvp`` of the whole chain in
 float64 and check its argument errors. The FSDP2 tests launch ``python_tests/_chain_worker.py`` once under
-``torch.distributed.run`` with 2 CPU processes (gloo) and assert on what it measured: outputs, tangents and
-gradients against an unsharded single-process float64 reference (tiny LightningDiT and Wan models), the number of
-all-gathers per block and the most blocks gathered at once.
+``torch.distributed.run`` with 2 CPU processes (gloo; and again on 2 GPUs over NCCL where there are 2 GPUs) and
+assert on what it measured: outputs, tangents and gradients against an unsharded single-process float64
+reference (tiny LightningDiT and Wan models), the number of all-gathers per block and the most blocks gathered at
+once. A worker that hangs fails its test after WORKER_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def test_call_errors():
         bad(x, x, c, model.feat_rope)
 
 
-# -------------------------------------------------------------------------------------------- 2 processes, gloo
+# ------------------------------------------------------------------------------- 2 processes (gloo or NCCL)
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -207,19 +208,30 @@ def run_worker(tmp_dir: Path, scenarios: list[str], *, env_extra: dict | None = 
     return json.loads(out_path.read_text())
 
 
-CPU_SCENARIOS = ["lightningdit_chain", "lightningdit_chain_torch_func", "wan_chain", "mixed_precision",
-                 "exception_safety", "errors", "lightningdit_transform", "wan_transform"]
+FSDP2_SCENARIOS = ["lightningdit_chain", "lightningdit_chain_torch_func", "wan_chain", "mixed_precision",
+                   "exception_safety", "errors", "lightningdit_transform", "wan_transform"]
 
 
-@pytest.fixture(scope="module")
-def gloo_results(tmp_path_factory):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    return run_worker(tmp_path_factory.mktemp("chain"), CPU_SCENARIOS)
+@pytest.fixture(scope="module", params=["gloo", "nccl"])
+def dist_results(request, tmp_path_factory):
+    """The worker's results: 2 CPU processes over gloo (CI), or 2 GPUs over NCCL (real all-gather streams and
+    prefetch overlap; the ops forced to their reference path so the float64 comparison stays exact)."""
+    tmp_dir = tmp_path_factory.mktemp(f"chain_{request.param}")
+    if request.param == "gloo":
+        if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+            pytest.skip("torch.distributed with gloo is not available")
+        return run_worker(tmp_dir, FSDP2_SCENARIOS)
+    if torch.cuda.device_count() < 2 or not torch.distributed.is_nccl_available():
+        pytest.skip("needs 2 GPUs with NCCL")
+    return run_worker(tmp_dir, FSDP2_SCENARIOS + ["fsdp1"],
+                      env_extra={"FACM_CHAIN_WORKER_BACKEND": "nccl", "FACM_EXT_BACKEND": "reference",
+                                 "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"})
 
 
 def ranks(results: dict, scenario: str) -> list[dict]:
     assert results["_torch"] == torch.__version__, "the worker ran another torch than the test"
+    if scenario not in results:
+        pytest.skip(f"{scenario} runs only in the NCCL (2-GPU) worker")
     per_rank = results[scenario]
     assert set(per_rank) == {"0", "1"}, f"{scenario}: results from ranks {sorted(per_rank)}"
     for rank, result in per_rank.items():
@@ -258,20 +270,20 @@ LIGHTNINGDIT_CASES = [("grad", 0), ("grad", 1), ("grad", 2), ("tangent", 1), ("h
 
 @pytest.mark.parametrize("scenario", ["lightningdit_chain", "lightningdit_chain_torch_func"])
 @pytest.mark.parametrize("mode,prefetch", LIGHTNINGDIT_CASES)
-def test_fsdp2_chain_lightningdit(gloo_results, scenario, mode, prefetch):
-    for result in ranks(gloo_results, scenario):
+def test_fsdp2_chain_lightningdit(dist_results, scenario, mode, prefetch):
+    for result in ranks(dist_results, scenario):
         check_case(result[f"{mode}_prefetch{prefetch}"], depth=LIGHTNINGDIT_DEPTH, prefetch=prefetch, mode=mode)
 
 
 @pytest.mark.parametrize("mode", ["grad", "tangent"])
-def test_fsdp2_chain_wan(gloo_results, mode):
-    for result in ranks(gloo_results, "wan_chain"):
+def test_fsdp2_chain_wan(dist_results, mode):
+    for result in ranks(dist_results, "wan_chain"):
         check_case(result[f"{mode}_prefetch1"], depth=WAN_DEPTH, prefetch=1, mode=mode)
 
 
-def test_fsdp2_chain_mixed_precision(gloo_results):
+def test_fsdp2_chain_mixed_precision(dist_results):
     """param_dtype=float32 on a float64 model: blocks compute with fp32 gathered parameters on fp32 inputs."""
-    for result in ranks(gloo_results, "mixed_precision"):
+    for result in ranks(dist_results, "mixed_precision"):
         case = result["grad_prefetch1"]
         assert case["param_dtypes_in_step"] == ["torch.float32"]
         assert case["out_dtype"] == "torch.float32" and case["tangent_dtype"] == "torch.float32"
@@ -280,10 +292,10 @@ def test_fsdp2_chain_mixed_precision(gloo_results):
 
 @pytest.mark.parametrize("scenario,depth", [("lightningdit_transform", LIGHTNINGDIT_DEPTH),
                                             ("wan_transform", WAN_DEPTH)])
-def test_transform_streams_fsdp2_model(gloo_results, scenario, depth):
+def test_transform_streams_fsdp2_model(dist_results, scenario, depth):
     """facm_ext.jvp(model, ...) on the whole fully_shard model, unchanged call: exact outputs, tangents and every
     parameter's gradient; one all-gather per block each way; the second call prefetches one block ahead."""
-    for result in ranks(gloo_results, scenario):
+    for result in ranks(dist_results, scenario):
         for attempt, max_gathered in (("first", 1), ("second", 2)):
             case = result[attempt]
             assert case["out_err"] <= F64 and case["tangent_err"] <= F64, case
@@ -302,26 +314,25 @@ def test_transform_streams_fsdp2_model(gloo_results, scenario, depth):
         assert no_grad["out_requires_grad"] is False and no_grad["resharded_after_forward"] is True
 
 
-def test_fsdp2_exception_leaves_blocks_resharded(gloo_results):
+def test_fsdp2_exception_leaves_blocks_resharded(dist_results):
     """A step raising in block 2 (with blocks 3 prefetched) on every rank: all blocks resharded, no hang, and the
     next call is exact with one all-gather per block in backward (no stale prefetch order)."""
-    for result in ranks(gloo_results, "exception_safety"):
+    for result in ranks(dist_results, "exception_safety"):
         assert result["raised"] is True
         assert result["resharded_after_error"] is True
         check_case(result["after"], depth=LIGHTNINGDIT_DEPTH, prefetch=1, mode="grad")
 
 
-def test_fsdp2_errors(gloo_results):
-    for result in ranks(gloo_results, "errors"):
+def test_fsdp2_errors(dist_results):
+    for result in ranks(dist_results, "errors"):
         assert "is not an FSDP unit" in result["not_units"], result["not_units"]
         assert result["tangent_structure"].startswith("carry_tangent: tangent structure"), result
         assert result["resharded_after_error"] is True
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP1 refuses CPU-only processes; needs 2 GPUs")
-def test_fsdp1_units_two_gpus(tmp_path):
-    results = run_worker(tmp_path, ["fsdp1"], env_extra={"FACM_CHAIN_WORKER_BACKEND": "nccl"})
-    for result in ranks(results, "fsdp1"):
+def test_fsdp1_units(dist_results):
+    """FSDP1 units (GPU only: FSDP1 refuses CPU-only processes): tangent mode and hybrid, exact."""
+    for result in ranks(dist_results, "fsdp1"):
         for mode in ("tangent", "hybrid"):
             case = result[mode]
             assert case["out_err"] <= F64 and case["tangent_err"] <= F64, case

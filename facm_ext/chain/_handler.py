@@ -114,9 +114,8 @@ def fsdp2_module_call(module: nn.Module, args: tuple, kwargs: dict, run_module):
             # The outputs handed to FSDP are aliases of the transform's primals; the chain never updates them in
             # place (the hazard FSDP warns about), it re-wraps them as duals.
             warnings.filterwarnings("ignore", message=_VIEW_WARNING)
-            plain_output = unit.post_forward(plain_args, pytree.tree_unflatten(out_primals, out_spec))
-        if not _is_real_root(unit):
-            _force_reshard(unit)
+            plain_output = unit.post_forward(plain_args, pytree.tree_unflatten(out_primals, out_spec),
+                                             force_reshard=not _is_real_root(unit))
         plain_leaves, plain_spec = pytree.tree_flatten(plain_output)
         if plain_spec != out_spec:
             raise RuntimeError(f"facm_ext.chain: FSDP's post-forward changed the output structure of "
@@ -135,12 +134,6 @@ def _is_real_root(unit: _units.Fsdp2Unit) -> bool:
     """A root that contains other units keeps its parameters after forward, as FSDP decides for roots."""
     state_ctx = getattr(unit.state, "_state_ctx", None)
     return bool(getattr(unit.state, "_is_root", False)) and state_ctx is not None and len(state_ctx.all_states) > 1
-
-
-def _force_reshard(unit: _units.Fsdp2Unit) -> None:
-    for group in unit.groups:
-        if _units.group_is_unsharded(group):
-            group.reshard()
 
 
 def _record_and_prefetch(tree_key: int, module: nn.Module) -> None:

@@ -149,8 +149,12 @@ class Fsdp2Unit:
         """Unshard (or wait for the prefetch), cast inputs per the mixed-precision policy, hook post-backward."""
         return self.state._pre_forward(self.module, args, kwargs)
 
-    def post_forward(self, args: tuple, output: Any) -> Any:
-        """Reshard, hook pre-backward on the (plain) outputs, cast outputs per the mixed-precision policy."""
+    def post_forward(self, args: tuple, output: Any, *, force_reshard: bool = True) -> Any:
+        """Reshard, hook pre-backward on the (plain) outputs, cast outputs per the mixed-precision policy.
+
+        ``force_reshard``: also reshard a unit FSDP would keep gathered (a root: FSDP keeps a root's parameters
+        after forward for its backward); the chain's blocks always pass True.
+        """
         comm_ctx = getattr(self.state, "_comm_ctx", None)
         order = getattr(comm_ctx, "post_forward_order", None)
         recorded_before = None if order is None else len(order)
@@ -161,9 +165,10 @@ class Fsdp2Unit:
             _forget_post_forward_records(self.groups, order, recorded_before)
         # A unit that FSDP made its own root (no enclosing fully_shard root) keeps its parameters after forward;
         # the chain's memory bound needs them freed. Backward unshards again from its pre-backward hook.
-        for group in self.groups:
-            if group_is_unsharded(group):
-                group.reshard()
+        if force_reshard:
+            for group in self.groups:
+                if group_is_unsharded(group):
+                    group.reshard()
         return output
 
     @contextlib.contextmanager
