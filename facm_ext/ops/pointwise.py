@@ -2,7 +2,7 @@
 
 Rules (docs jvp_math.md), all computed in fp32 (fp64 for fp64 inputs) and stored in the output dtype:
 - ``gated_residual_jvp``: ``h = x + g y``, ``h' = x' + g' y + g y'``;
-- ``gelu_jvp``: ``y = gelu(x)``, ``y' = gelu'(x) x'`` (tanh form: one tanh serves both);
+- ``gelu_jvp``: ``y = gelu(x)``, ``y' = gelu'(x) x'`` (tanh form: one tanh -- in the kernel one exp -- serves both);
 - ``silu_jvp``: ``y = x s``, ``y' = s (1 + x (1 - s)) x'`` with ``s = sigmoid(x)``;
 - ``swiglu_jvp``: ``h = silu(a) b``, ``h' = silu'(a) a' b + silu(a) b'``.
 
@@ -64,7 +64,7 @@ register_op_info(OpInfo(
 ))
 register_op_info(OpInfo(name="gelu_jvp", backends={"cuda": _CUDA_WHEN, "reference": _REFERENCE_WHEN},
                         kernel="gelu_jvp_cuda",
-                        notes="tanh form: one tanh for primal and tangent (SFU tanh.approx for bf16)"))
+                        notes="tanh form: one exp serves primal and tangent (1 + tanh and 1 - tanh^2 without cancellation)"))
 register_op_info(OpInfo(name="silu_jvp", backends={"cuda": _CUDA_WHEN, "reference": _REFERENCE_WHEN},
                         kernel="silu_jvp_cuda"))
 register_op_info(OpInfo(name="swiglu_jvp", backends={"cuda": _CUDA_WHEN, "reference": _REFERENCE_WHEN},
