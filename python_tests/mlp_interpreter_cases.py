@@ -157,3 +157,32 @@ def test_interpreter_act_jvp_pass(dtype, activation, tangent):
         assert_rel_close(tout, tref, dtype, what="tangent")
     else:
         assert tout is None
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu_tanh", "swiglu"])
+@pytest.mark.parametrize("tangent", [True, False])
+def test_interpreter_dual_gemm_tma_descriptors(activation, tangent, monkeypatch):
+    """FACM_EXT_DUAL_GEMM=tma (fp16: descriptors need 16-bit types): rows, columns and K tails out of bounds."""
+    from facm_ext.kernels import mlp_jvp_triton as kernels
+
+    monkeypatch.setenv("FACM_EXT_DUAL_GEMM", "tma")
+    m, k, n_w = 37, 48, 2 * 40
+    x, tx = _rand(m, k, dtype=torch.float16), _rand(m, k, dtype=torch.float16) if tangent else None
+    w, b = _rand(n_w, k, dtype=torch.float16, scale=k ** -0.5), _rand(n_w, dtype=torch.float16)
+    assert kernels._tma_compatible(x, w[: n_w // 2], w[n_w // 2:])
+    out, tout, pre = kernels.dual_gemm(x, tx, w, b, activation=activation, store_pre=True)
+    pre64 = F.linear(x.double(), w.double(), b.double())
+    tpre64 = F.linear(tx.double(), w.double()) if tangent else torch.zeros_like(pre64)
+    if activation == "none":
+        ref, tref = pre64, tpre64
+    elif activation == "gelu_tanh":
+        ref, tref = torch.func.jvp(lambda z: F.gelu(z, approximate="tanh"), (pre64,), (tpre64,))
+    else:
+        ref, tref = torch.func.jvp(lambda z: F.silu(z.chunk(2, dim=-1)[0]) * z.chunk(2, dim=-1)[1], (pre64,),
+                                   (tpre64,))
+    assert_rel_close(pre, pre64, torch.float16, what="pre")
+    assert_rel_close(out, ref, torch.float16, what="out")
+    if tangent:
+        assert_rel_close(tout, tref, torch.float16, what="tout")
+    else:
+        assert tout is None

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REL_TOL, assert_rel_close, noncontiguous, requires_cuda
+from conftest import assert_rel_close, noncontiguous, requires_cuda
 from facm_ext.ops import _common, linear_jvp
 from facm_ext.ops import linear as linear_ops
 from facm_ext.reference.linear import linear
@@ -195,18 +195,25 @@ def test_op_info_registered():
 GPU_SHAPES = [((37,), 72, 1152), ((2, 19), 1152, 72), ((5, 7), 100, 333), ((3,), 1152, 5120), ((4, 64), 256, 256)]
 
 
+def _set_backend(backend, monkeypatch):
+    """default | triton (the dual GEMM, pointer loads) | triton_tma (the dual GEMM with TMA descriptor loads)."""
+    if backend != "default":
+        monkeypatch.setenv("FACM_EXT_BACKEND", "triton")
+    if backend == "triton_tma":
+        monkeypatch.setenv("FACM_EXT_DUAL_GEMM", "tma")
+
+
 @requires_cuda
-@pytest.mark.parametrize("backend", ["default", "triton"])
+@pytest.mark.parametrize("backend", ["default", "triton", "triton_tma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("lead,k,n", GPU_SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_gpu_matches_jvp(backend, dtype, lead, k, n, bias, monkeypatch):
-    if backend == "triton":
-        if dtype == torch.float32:
-            pytest.skip("fp32 stays on cuBLAS")
-        monkeypatch.setenv("FACM_EXT_BACKEND", "triton")
+    if backend != "default" and dtype == torch.float32:
+        pytest.skip("fp32 stays on cuBLAS")
+    _set_backend(backend, monkeypatch)
     x, tx, weight, b = _inputs(lead, k, n, dtype, "cuda", bias=bias)
-    expect_dual_gemm = backend == "triton" or (linear_ops.LINEAR_DUAL_GEMM_BY_DEFAULT and dtype != torch.float32)
+    expect_dual_gemm = backend != "default" or (linear_ops.LINEAR_DUAL_GEMM_BY_DEFAULT and dtype != torch.float32)
     assert linear_ops.use_dual_gemm(x, tx, weight, b, by_default=linear_ops.LINEAR_DUAL_GEMM_BY_DEFAULT) == \
         expect_dual_gemm
     y, ty = linear_jvp(x, tx, weight, b)
@@ -217,11 +224,10 @@ def test_gpu_matches_jvp(backend, dtype, lead, k, n, bias, monkeypatch):
 
 
 @requires_cuda
-@pytest.mark.parametrize("backend", ["default", "triton"])
+@pytest.mark.parametrize("backend", ["default", "triton", "triton_tma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_noncontiguous_and_none_tangent(backend, dtype, monkeypatch):
-    if backend == "triton":
-        monkeypatch.setenv("FACM_EXT_BACKEND", "triton")
+    _set_backend(backend, monkeypatch)
     x, tx, weight, b = _inputs((3, 41), 72, 1152, dtype, "cuda")
     y, ty = linear_jvp(noncontiguous(x), noncontiguous(tx), weight.t().contiguous().t(), b)
     ref_y, ref_ty = _reference_jvp(x, tx, weight, b)
@@ -233,11 +239,10 @@ def test_gpu_noncontiguous_and_none_tangent(backend, dtype, monkeypatch):
 
 
 @requires_cuda
-@pytest.mark.parametrize("backend", ["default", "triton"])
+@pytest.mark.parametrize("backend", ["default", "triton", "triton_tma"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_primal_gradients(backend, dtype, monkeypatch):
-    if backend == "triton":
-        monkeypatch.setenv("FACM_EXT_BACKEND", "triton")
+    _set_backend(backend, monkeypatch)
     x, tx, weight, b = _inputs((2, 33), 72, 160, dtype, "cuda")
     leaves = [t.clone().requires_grad_() for t in (x, weight, b)]
     y, ty = linear_jvp(leaves[0], tx, leaves[1], leaves[2])

@@ -282,17 +282,23 @@ def test_gpu_torch_compile_fullgraph(activation):
 
 
 # FACM_EXT_BACKEND=triton: the down-projection on the dual GEMM too; FACM_EXT_MLP_UP=cublas: cuBLAS up-projection
-# followed by the separate Triton activation-JVP pass.
-GPU_VARIANTS = {"triton_down": ("FACM_EXT_BACKEND", "triton"), "cublas_up": ("FACM_EXT_MLP_UP", "cublas")}
+# followed by the separate Triton activation-JVP pass; FACM_EXT_DUAL_GEMM=tma: TMA descriptor loads where allowed.
+GPU_VARIANTS = {
+    "triton_down": [("FACM_EXT_BACKEND", "triton")],
+    "cublas_up": [("FACM_EXT_MLP_UP", "cublas")],
+    "tma": [("FACM_EXT_DUAL_GEMM", "tma")],
+    "tma_triton_down": [("FACM_EXT_DUAL_GEMM", "tma"), ("FACM_EXT_BACKEND", "triton")],
+}
 
 
 @requires_cuda
 @pytest.mark.parametrize("variant", list(GPU_VARIANTS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("lead,k,hidden,k_out", [((37,), 72, 40, 72), ((3, 7), 100, 333, 50)])
+@pytest.mark.parametrize("lead,k,hidden,k_out", [((37,), 72, 40, 72), ((3, 7), 100, 333, 50), ((2, 99), 1152, 96, 64)])
 def test_gpu_variants_match_jvp(variant, dtype, activation, lead, k, hidden, k_out, monkeypatch):
-    monkeypatch.setenv(*GPU_VARIANTS[variant])
+    for var, value in GPU_VARIANTS[variant]:
+        monkeypatch.setenv(var, value)
     x, tx, params = _inputs(lead, k, hidden, k_out, activation, dtype, "cuda")
     y, ty = mlp_jvp(x, tx, *params, activation=activation)
     ref_y, ref_ty = _reference_jvp(x, tx, params, activation)
@@ -307,6 +313,7 @@ def test_gpu_variants_match_jvp(variant, dtype, activation, lead, k, hidden, k_o
 @pytest.mark.parametrize("variant", list(GPU_VARIANTS))
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_gpu_variants_primal_gradients(variant, activation, monkeypatch):
-    monkeypatch.setenv(*GPU_VARIANTS[variant])
+    for var, value in GPU_VARIANTS[variant]:
+        monkeypatch.setenv(var, value)
     x, tx, params = _inputs((2, 45), 72, 80, 72, activation, torch.bfloat16, "cuda")
     _grads_vs_float64(x, tx, params, activation, torch.bfloat16, factor=2.0)

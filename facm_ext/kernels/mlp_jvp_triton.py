@@ -26,10 +26,11 @@ import triton.language as tl
 
 ACTIVATIONS = {"none": 0, "gelu_tanh": 1, "swiglu": 2}
 
-def _configs(four_accumulators: bool) -> list:
+def _configs(four_accumulators: bool, pre_hook=None) -> list:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         # The interpreter runs every program in Python: one small config, no tuning.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4,
+                              pre_hook=pre_hook)]
     # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps); the first entry is the untuned choice for small problems.
     if four_accumulators:
         # Four fp32 accumulators per program: keep BLOCK_M * BLOCK_N * 4 / threads <= 128 registers.
@@ -39,7 +40,7 @@ def _configs(four_accumulators: bool) -> list:
         shapes = [(64, 128, 64, 4, 4), (128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (64, 256, 64, 3, 8),
                   (64, 256, 64, 4, 8), (128, 64, 64, 4, 4), (128, 128, 32, 5, 8)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages,
-                          num_warps=warps) for bm, bn, bk, stages, warps in shapes]
+                          num_warps=warps, pre_hook=pre_hook) for bm, bn, bk, stages, warps in shapes]
 
 
 @triton.jit
@@ -107,17 +108,7 @@ def _dual_gemm_kernel(
     EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped tile order: GROUP_M row tiles sweep the columns together so their W tiles stay in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Wrapped row/column indices keep every load in bounds without masks; the stores below are masked.
@@ -155,6 +146,16 @@ def _dual_gemm_kernel(
             w_ptrs += BLOCK_K * stride_wk
             g_ptrs += BLOCK_K * stride_wk
 
+    _epilogue(acc, tacc, gacc, tgacc, offs_m, offs_n, cols, M, N, GATE_OFFSET, bias_ptr, out_ptr, tout_ptr, pre_ptr,
+              stride_om, stride_on, stride_tom, stride_ton, stride_pm, stride_pn,
+              ACTIVATION, HAS_TANGENT, HAS_BIAS, STORE_PRE)
+
+
+@triton.jit
+def _epilogue(acc, tacc, gacc, tgacc, offs_m, offs_n, cols, M, N, GATE_OFFSET, bias_ptr, out_ptr, tout_ptr, pre_ptr,
+              stride_om, stride_on, stride_tom, stride_ton, stride_pm, stride_pn,
+              ACTIVATION: tl.constexpr, HAS_TANGENT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr):
+    """Bias (primal only), optional pre-activation store, activation JVP, masked stores of primal and tangent."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
         if ACTIVATION == 2:
@@ -183,6 +184,71 @@ def _dual_gemm_kernel(
         tl.store(tout_ptrs, tout.to(tout_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M row tiles sweep the columns together so their W tiles stay in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _dual_gemm_tma_kernel(
+    x_desc, tx_desc, w_desc, g_desc, bias_ptr, out_ptr, tout_ptr, pre_ptr,
+    M, N, K, GATE_OFFSET, stride_om, stride_tom, stride_pm,
+    ACTIVATION: tl.constexpr, HAS_TANGENT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr,
+    WHILE_LOOP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The dual GEMM with tiles fetched by TMA (host tensor descriptors): out-of-bounds rows and K columns arrive as
+    zeros, so there are no wrapped indices or masks in the main loop. g_desc is the gate half of a SwiGLU weight."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    tacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    gacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    tgacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if WHILE_LOOP:  # the interpreter (see _dual_gemm_kernel)
+        k0 = 0
+        while k0 < K:
+            acc, tacc, gacc, tgacc = _k_step_tma(x_desc, tx_desc, w_desc, g_desc, off_m, off_n, k0, acc, tacc,
+                                                 gacc, tgacc, ACTIVATION, HAS_TANGENT)
+            k0 += BLOCK_K
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            acc, tacc, gacc, tgacc = _k_step_tma(x_desc, tx_desc, w_desc, g_desc, off_m, off_n, k0, acc, tacc,
+                                                 gacc, tgacc, ACTIVATION, HAS_TANGENT)
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    _epilogue(acc, tacc, gacc, tgacc, offs_m, offs_n, offs_n % N, M, N, GATE_OFFSET, bias_ptr, out_ptr, tout_ptr,
+              pre_ptr, stride_om, 1, stride_tom, 1, stride_pm, 1, ACTIVATION, HAS_TANGENT, HAS_BIAS, STORE_PRE)
+
+
+@triton.jit
+def _k_step_tma(x_desc, tx_desc, w_desc, g_desc, off_m, off_n, k0, acc, tacc, gacc, tgacc,
+                ACTIVATION: tl.constexpr, HAS_TANGENT: tl.constexpr):
+    x_tile = x_desc.load([off_m, k0])
+    w_tile = w_desc.load([off_n, k0]).T
+    acc = tl.dot(x_tile, w_tile, acc)
+    if HAS_TANGENT:
+        tx_tile = tx_desc.load([off_m, k0])
+        tacc = tl.dot(tx_tile, w_tile, tacc)
+    if ACTIVATION == 2:
+        g_tile = g_desc.load([off_n, k0]).T
+        gacc = tl.dot(x_tile, g_tile, gacc)
+        if HAS_TANGENT:
+            tgacc = tl.dot(tx_tile, g_tile, tgacc)
+    return acc, tacc, gacc, tgacc
+
+
 # Problems below this many multiply-adds (tests, tiny layers) run the first config untuned: tuning them would cost
 # one compilation per config and shape specialization for no measurable gain.
 _TUNE_MIN_MACS = 2**31
@@ -199,6 +265,40 @@ _PRUNE = {"early_config_prune": _prune_small_problems}
 _even_k_kernel = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_dual_gemm_kernel)
 _dual_gemm_2acc = triton.autotune(configs=_configs(False), key=_KEY, prune_configs_by=_PRUNE)(_even_k_kernel)
 _dual_gemm_4acc = triton.autotune(configs=_configs(True), key=_KEY, prune_configs_by=_PRUNE)(_even_k_kernel)
+
+
+def _set_tma_block_shapes(nargs):
+    """Autotuner pre-hook: the descriptors' block shapes follow the config being run."""
+    tile_x = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    tile_w = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+    nargs["x_desc"].block_shape = tile_x
+    nargs["tx_desc"].block_shape = tile_x
+    nargs["w_desc"].block_shape = tile_w
+    nargs["g_desc"].block_shape = tile_w
+
+
+_dual_gemm_tma_2acc = triton.autotune(configs=_configs(False, _set_tma_block_shapes), key=_KEY,
+                                      prune_configs_by=_PRUNE)(_dual_gemm_tma_kernel)
+_dual_gemm_tma_4acc = triton.autotune(configs=_configs(True, _set_tma_block_shapes), key=_KEY,
+                                      prune_configs_by=_PRUNE)(_dual_gemm_tma_kernel)
+
+
+def loader() -> str:
+    """FACM_EXT_DUAL_GEMM: 'pointer' (default; pointer loads, any strides) or 'tma' (TMA tensor descriptors where
+    the operands allow them: fp16/bf16, unit last stride, 16-byte aligned base and row stride; else pointer)."""
+    value = os.environ.get("FACM_EXT_DUAL_GEMM", "pointer").strip().lower() or "pointer"
+    if value not in ("pointer", "tma"):
+        raise ValueError(f"FACM_EXT_DUAL_GEMM: expected 'pointer' or 'tma', got {value!r}")
+    return value
+
+
+def _tma_compatible(*tensors: torch.Tensor) -> bool:
+    for t in tensors:
+        if t.dtype not in (torch.float16, torch.bfloat16) or t.stride(-1) != 1:
+            return False
+        if t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+            return False
+    return True
 
 
 def dual_gemm(x: torch.Tensor, tx: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, *,
@@ -239,9 +339,33 @@ def dual_gemm(x: torch.Tensor, tx: torch.Tensor | None, weight: torch.Tensor, bi
     pre_arg = pre if pre is not None else out
     bias_arg = bias if bias is not None else out
     kernel = _dual_gemm_4acc if activation == "swiglu" else _dual_gemm_2acc
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
+
+    w_main, w_gate = (weight[:n_out], weight[n_out:]) if activation == "swiglu" else (weight, weight)
+    if loader() == "tma" and (x.is_cuda or interpreting) and _tma_compatible(x, tx_arg, w_main, w_gate):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        # block shapes are placeholders: the autotuner's pre-hook sets them per config
+        def descriptor(t):
+            return TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
+
+        x_desc = descriptor(x)
+        w_desc = descriptor(w_main)
+        kernel = _dual_gemm_tma_4acc if activation == "swiglu" else _dual_gemm_tma_2acc
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            kernel[grid](
+                x_desc, descriptor(tx) if tx is not None else x_desc, w_desc,
+                descriptor(w_gate) if activation == "swiglu" else w_desc,
+                bias_arg, out, tout_arg, pre_arg,
+                M, n_out, K, n_out if activation == "swiglu" else 0, out.stride(0), tout_arg.stride(0),
+                pre_arg.stride(0),
+                ACTIVATION=ACTIVATIONS[activation], HAS_TANGENT=tx is not None, HAS_BIAS=bias is not None,
+                STORE_PRE=store_pre, WHILE_LOOP=interpreting,
+            )
+        return out, tout, pre
 
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         kernel[grid](
@@ -252,7 +376,7 @@ def dual_gemm(x: torch.Tensor, tx: torch.Tensor | None, weight: torch.Tensor, bi
             pre_arg.stride(1),
             ACTIVATION=ACTIVATIONS[activation], HAS_TANGENT=tx is not None, HAS_BIAS=bias is not None,
             STORE_PRE=store_pre, INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            WHILE_LOOP=os.environ.get("TRITON_INTERPRET", "0") == "1",
+            WHILE_LOOP=interpreting,
         )
     return out, tout, pre
 
@@ -318,7 +442,8 @@ def act_jvp(pre: torch.Tensor, tpre: torch.Tensor | None, activation: str):
 def tuned_configs() -> str:
     """The configs the autotuners picked for their latest calls (for benchmark notes)."""
     parts = []
-    for name, tuner in (("2acc", _dual_gemm_2acc), ("4acc", _dual_gemm_4acc)):
+    for name, tuner in (("2acc", _dual_gemm_2acc), ("4acc", _dual_gemm_4acc), ("tma-2acc", _dual_gemm_tma_2acc),
+                        ("tma-4acc", _dual_gemm_tma_4acc)):
         best = getattr(tuner, "best_config", None)
         if best is not None:
             kw = best.kwargs
