@@ -438,6 +438,8 @@ def main() -> None:
     parser.add_argument("--json", default="")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU + gloo with tiny models: exercises the script, measures nothing meaningful")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                        help="compute (FSDP param) dtype; default bfloat16 (float32 with --smoke)")
     args = parser.parse_args()
 
     if "LOCAL_RANK" not in os.environ or (not args.smoke and torch.cuda.device_count() < 2):
@@ -445,9 +447,9 @@ def main() -> None:
               "nothing to do here.")
         return
     local_rank = int(os.environ["LOCAL_RANK"])
+    global COMPUTE_DTYPE
+    COMPUTE_DTYPE = getattr(torch, args.dtype or ("float32" if args.smoke else "bfloat16"))
     if args.smoke:
-        global COMPUTE_DTYPE
-        COMPUTE_DTYPE = torch.float32
         args.lightningdit_batch, args.wan_frames, args.wan_side = 2, 2, 4
         device = torch.device("cpu")
         dist.init_process_group("gloo")
