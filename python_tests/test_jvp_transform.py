@@ -593,3 +593,54 @@ def test_adaln_block_fused_only_when_verified(variant, dtype):
         assert not fused and "differs" in reasons, str(report)
     else:
         assert not fused and "not verified" in reasons, str(report)
+
+
+def test_concurrent_transforms_in_two_threads():
+    net = _randomize(Net()).double()
+    x, s = randn(2, 3, 12), torch.ones(1, dtype=F64)
+    tx = randn(2, 3, 12)
+    ref, tref = reference_jvp(lambda x: net(x, s), (x,), (tx,))
+    original = nn.Module.__call__
+    results, errors = [], []
+
+    def worker():
+        try:
+            for _ in range(3):
+                results.append(facm_ext.jvp(net, (x, s), (tx, None)))
+        except Exception as exc:  # noqa: BLE001 - reported to the main thread, which fails the test with it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert len(results) == 6 and nn.Module.__call__ is original and not is_active()
+    for out, tout in results:
+        assert_rel_close(out, ref, F64, what="primal")
+        assert_rel_close(tout, tref, F64, what="tangent")
+
+
+def test_patterns_keep_hooks_and_replaced_forwards():
+    width = 8
+    mlp = _randomize(nn.Sequential(nn.Linear(width, 16), nn.GELU(approximate="tanh"), nn.Linear(16, width))).double()
+    x, tx = randn(2, width), randn(2, width)
+    calls = []
+    handle = mlp[2].register_forward_hook(lambda m, a, o: calls.append(m))
+    try:
+        report = JVPReport()
+        check_against_reference(mlp, (x,), (tx,))
+        facm_ext.jvp(mlp, (x,), (tx,), report=report)
+    finally:
+        handle.remove()
+    assert len(calls) == 3, "a hook inside the MLP must run in both transforms (and the reference)"
+    assert not any("MLP" in k for k in report.fused), str(report)
+
+    mlp.forward = lambda inp: nn.Sequential.forward(mlp, inp) * 2  # replaced on the instance
+    try:
+        out, tout = facm_ext.jvp(mlp, (x,), (tx,))
+    finally:
+        del mlp.forward
+    ref, tref = reference_jvp(lambda inp: nn.Sequential.forward(mlp, inp) * 2, (x,), (tx,))
+    assert_rel_close(tout, tref, F64, what="tangent with a replaced forward")

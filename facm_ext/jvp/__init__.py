@@ -9,9 +9,18 @@ graph when grad is enabled and its backward gives the parameter gradients of a p
 the same activations (the tangent pass saves nothing).
 
 How: ``func`` runs on dual values (:class:`DualTensor`, a tensor subclass that IS the primal and carries its
-tangent). Recognized functions and modules go to the fused ops of facm_ext.ops (F.linear, SDPA, layer/RMS norm,
-GELU, SiLU, MLP patterns, RMSNorm-like modules, user rules); every other op uses PyTorch's own forward-mode rule
-for that op. ``report=True`` says which ran fused and which fell back.
+tangent). Recognized functions and modules go to the fused ops of facm_ext.ops: F.linear, SDPA (also with a
+boolean key-padding mask), F.layer_norm, F.rms_norm, F.gelu, F.silu (facm_ext/jvp/_rules.py); MLP, RMSNorm-like
+and RoPE-like modules, and whole adaLN-Zero blocks (norm+modulate and gated residuals fused), each verified
+before use (facm_ext/jvp/_modules.py, _blocks.py); rules registered with :func:`register_jvp_rule`. Every other
+op uses PyTorch's own forward-mode rule for that single op: closed forms for views, casts, sums, products and
+common elementwise functions, ``torch.func.jvp`` of the op otherwise (facm_ext/jvp/_dual.py).
+``report=True`` says which ran fused and which did not, and why a fused rule declined.
+
+In-place ops on traced values are supported when the target carries the value (the tangent follows); writing a
+traced value into an untraced tensor, ``out=``, and in-place updates of tensors that share memory with other
+traced tensors raise :class:`JVPTransformError` rather than lose a tangent. Nested facm_ext.jvp calls are not
+supported.
 
 torch.compile: the transform is excluded from dynamo tracing (like ``torch.compiler.disable``): inside a compiled
 function, a call of facm_ext.jvp is a graph break and runs eagerly, the fused ops being the compiled kernels of

@@ -6,8 +6,9 @@ transform, restored when the last one exits, even on exceptions; other threads s
 module call then goes, in order, to:
 
 1. the first registered module-call handler whose predicate accepts the module:
-   ``handler(module, args, kwargs, run_module)``, with ``run_module(module, args, kwargs)`` running the module's
-   own forward under the transform without its hooks (the chain runtime's FSDP2 handler);
+   ``handler(module, args, kwargs, run_module)``, with ``run_module(module, args, kwargs)`` running the module
+   under the transform without its hooks (its rule or verified pattern if any, else its forward) -- the chain
+   runtime's FSDP2 handler;
 2. when an argument carries a tangent: a rule registered for the module's type (or a base class) with
    :func:`register_jvp_rule`, ``rule(module, args, kwargs) -> output`` (args may be duals);
 3. when an argument carries a tangent and neither the module nor its children have hooks: a built-in pattern:
@@ -17,6 +18,11 @@ module call then goes, in order, to:
      pattern's formula on a fixed probe input);
    - RMSNorm-like modules (one 1-D ``weight`` parameter, an ``eps`` attribute, no children or buffers), verified
      the same way, including the dtype its output takes -> ``rms_norm_jvp``;
+   - RoPE-like modules (no parameters; ``forward(x)`` with two [L, D] table buffers, or ``forward(x, cos, sin)``),
+     verified on probes for both pair conventions -> ``rope_jvp``;
+   - adaLN-Zero blocks (facm_ext/jvp/_blocks.py), verified on their first call -> ``adaln_jvp`` and
+     ``gated_residual_jvp`` around the block's own attention and MLP;
+   patterns are looked up once per module instance and skipped for instances whose ``forward`` was replaced;
 4. otherwise the module's normal ``__call__`` (hooks included); its functions are still intercepted.
 nn.Linear, nn.LayerNorm and nn.RMSNorm need no module rule: their F.linear / F.layer_norm / F.rms_norm calls are
 fused at function level, so their hooks keep working.
