@@ -13,6 +13,7 @@ a [B, L, 6, C] tensor, and bf16 x with that fp32 modulation).
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from facm_ext.reference import norms as ref
 
 BF16, F32 = torch.bfloat16, torch.float32
 EPS = 1e-6
+STAGING_ENV = "FACM_EXT_NORMS_ROW_STAGING"  # "registers" forces the register-resident kernel
 
 # case -> (op, x shape, x dtype, modulation kind or None, modulation dtype)
 CASES = {
@@ -139,6 +141,15 @@ def test_bench_norms(benchmark, case):
         _harness.record(group, case, f"facm_ext ({backend})", ms_ours, bytes_moved=bytes_moved,
                         peak_gib=_harness.peak_extra_memory_gib(ours),
                         note=f"rel. diff vs eager jvp {err:.1e}")
+        if backend == "cuda" and dtype != F32:
+            # A/B of the row staging: 16-bit rows of > 128 vectors run shared-memory-staged by default.
+            os.environ[STAGING_ENV] = "registers"
+            try:
+                ms = _harness.median_ms(ours)
+            finally:
+                del os.environ[STAGING_ENV]
+            _harness.record(group, case, "facm_ext (cuda, rows in registers)", ms, bytes_moved=bytes_moved,
+                            note=f"default staging {ms / ms_ours:.2f}x faster")
 
         compiled = torch.compile(_reference_jvp(op), fullgraph=True, dynamic=False)
         alternatives = {

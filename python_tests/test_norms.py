@@ -439,11 +439,18 @@ def _gpu_case(op, dtype, shape, kind="bc", mod_dtype=None, mask=(True, True, Tru
     check_pair(out, expected, dtype, f"cuda {op} {dtype} {shape} {kind} mod={md} mask={mask} misaligned={misaligned}")
 
 
+# 16-bit rows of > 128 aligned vectors take the shared-memory-staged kernel unless this asks for the register one.
+STAGING_ENV = "FACM_EXT_NORMS_ROW_STAGING"
+
+
 @requires_cuda
+@pytest.mark.parametrize("staging", ["default", "registers"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("c", [72, 128, 1152, 5120, 77, 1000, 8191, 8192])
 @pytest.mark.parametrize("op", ["layer", "rms", "modulate", "adaln_layer", "adaln_rms"])
-def test_cuda_kernel_matches_reference(dtype, c, op):
+def test_cuda_kernel_matches_reference(dtype, c, op, staging, monkeypatch):
+    if staging == "registers":
+        monkeypatch.setenv(STAGING_ENV, "registers")
     _gpu_case(op, dtype, (3, 37, c))
 
 
@@ -457,10 +464,13 @@ def test_cuda_kernel_modulation_and_tangents(dtype, kind, mask, op):
 
 
 @requires_cuda
+@pytest.mark.parametrize("staging", ["default", "registers"])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("c", [5120, 1000])
-def test_cuda_kernel_fp32_per_token_modulation(x_dtype, c):
+def test_cuda_kernel_fp32_per_token_modulation(x_dtype, c, staging, monkeypatch):
     """Wan: fp32 (or bf16) x with fp32 per-token modulation sliced from a [B, L, 6, C] tensor."""
+    if staging == "registers":
+        monkeypatch.setenv(STAGING_ENV, "registers")
     _gpu_case("adaln_layer", x_dtype, (1, 257, c), kind="per_token_strided", mod_dtype=torch.float32)
     _gpu_case("modulate", x_dtype, (1, 257, c), kind="per_token_strided", mod_dtype=torch.float32)
 

@@ -8,6 +8,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 namespace facm_ext::norms {
@@ -18,6 +21,9 @@ constexpr int kMaxWarps = kMaxThreads / 32;
 constexpr int kSubWarpBlock = 128;         // block size when several rows share a block (tpr <= 32)
 constexpr int kMaxItemsVector = 4;
 constexpr int kMaxItemsScalar = 16;
+constexpr int kStagedThreads = 128;         // threads per row of the shared-memory-staged kernel at most
+constexpr int kStagedMinBlocks = 8;        // 64 registers: eight 128-thread staged rows per SM
+constexpr int64_t kMaxStagedBytes = 48 * 1024;  // staged x (+ x') per block: the default dynamic smem limit
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -127,6 +133,104 @@ __device__ __forceinline__ void row_allreduce(float (&v)[N], int tpr, float* scr
   }
 }
 
+// Per-row statistics the epilogue needs. ntx_mean = mean(n * x').
+struct RowStats {
+  float mean = 0.f, rstd = 1.f, tx_mean = 0.f, ntx_mean = 0.f;
+};
+
+// First-pass partial sums of one vector: LayerNorm (sum x, sum x'), RMSNorm (sum x^2, sum x x').
+template <typename T, int NORM, int VEC>
+__device__ __forceinline__ void add_first_sums(const Raw<T, VEC>& x_raw, const Raw<T, VEC>& tx_raw,
+                                               float (&sums)[2]) {
+  float xv[VEC], tv[VEC];
+  unpack<T, VEC>(x_raw, xv);
+  unpack<T, VEC>(tx_raw, tv);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    if constexpr (NORM == static_cast<int>(NormKind::kLayer)) {
+      sums[0] += xv[j];
+      sums[1] += tv[j];
+    } else {
+      sums[0] += xv[j] * xv[j];
+      sums[1] += xv[j] * tv[j];
+    }
+  }
+}
+
+// LayerNorm's centered second pass (sum (x - mu)^2, sum (x - mu) x'): no cancellation from sum x^2 - C mu^2.
+template <typename T, int VEC>
+__device__ __forceinline__ void add_centered_sums(const Raw<T, VEC>& x_raw, const Raw<T, VEC>& tx_raw, float mean,
+                                                  float (&sums)[2]) {
+  float xv[VEC], tv[VEC];
+  unpack<T, VEC>(x_raw, xv);
+  unpack<T, VEC>(tx_raw, tv);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const float d = xv[j] - mean;
+    sums[0] += d * d;
+    sums[1] += d * tv[j];
+  }
+}
+
+// y and y' of one vector of VEC channels starting at channel e of row (b, l) = row index `row`.
+template <typename T, int NORM, int VEC>
+__device__ __forceinline__ void write_outputs(const NormJvpParams& p, bool mod_f32, int64_t b, int64_t l,
+                                              int64_t row, int64_t e, const Raw<T, VEC>& x_raw,
+                                              const Raw<T, VEC>& tx_raw, const RowStats& st) {
+  // The fp32 side inputs (weight, bias, four modulation tensors) are read in 16-byte chunks of kChunk channels, so
+  // at most 6 x kChunk of them are live at once: keeps wide bf16 vectors (8 channels) within the register budget.
+  constexpr int kChunk = VEC < 4 ? VEC : 4;
+  // Inputs are unpacked and outputs packed chunk by chunk: only the packed vectors stay live across chunks.
+  const T* xs = reinterpret_cast<const T*>(&x_raw);
+  const T* ts = reinterpret_cast<const T*>(&tx_raw);
+  Raw<T, VEC> y_raw, ty_raw;
+  T* ys = reinterpret_cast<T*>(&y_raw);
+  T* tys = reinterpret_cast<T*>(&ty_raw);
+#pragma unroll
+  for (int c0 = 0; c0 < VEC; c0 += kChunk) {
+    float w[kChunk], bias[kChunk], shift[kChunk], tshift[kChunk], scale[kChunk], tscale[kChunk];
+    if (p.weight != nullptr) {
+      load_vec<float, kChunk>(p.weight + e + c0, w);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) w[j] = 1.f;
+    }
+    if (p.bias != nullptr) {
+      load_vec<float, kChunk>(p.bias + e + c0, bias);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) bias[j] = 0.f;
+    }
+    load_mod<T, kChunk>(p.shift, mod_f32, b, l, e + c0, shift);
+    load_mod<T, kChunk>(p.tshift, mod_f32, b, l, e + c0, tshift);
+    load_mod<T, kChunk>(p.scale, mod_f32, b, l, e + c0, scale);
+    load_mod<T, kChunk>(p.tscale, mod_f32, b, l, e + c0, tscale);
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) {
+      const float xj = to_float(xs[c0 + j]), tj = to_float(ts[c0 + j]);
+      float n, nt;
+      if constexpr (NORM == static_cast<int>(NormKind::kLayer)) {
+        n = (xj - st.mean) * st.rstd;
+        nt = st.rstd * (tj - st.tx_mean - n * st.ntx_mean);
+      } else if constexpr (NORM == static_cast<int>(NormKind::kRms)) {
+        n = xj * st.rstd;
+        nt = st.rstd * (tj - n * st.ntx_mean);
+      } else {
+        n = xj;
+        nt = tj;
+      }
+      const float a = n * w[j] + bias[j];
+      const float at = nt * w[j];
+      const float gain = 1.f + scale[j];
+      ys[c0 + j] = from_float<T>(a * gain + shift[j]);
+      tys[c0 + j] = from_float<T>(at * gain + a * tscale[j] + tshift[j]);
+    }
+  }
+  *reinterpret_cast<Raw<T, VEC>*>(static_cast<T*>(p.y) + row * p.channels + e) = y_raw;
+  *reinterpret_cast<Raw<T, VEC>*>(static_cast<T*>(p.ty) + row * p.channels + e) = ty_raw;
+}
+
+// Rows in registers: ITEMS vectors per thread, `tpr` threads per row (several rows per block when tpr <= 32).
 template <typename T, int NORM, int VEC, int ITEMS>
 __global__ void __launch_bounds__(kMaxThreads) norm_jvp_kernel(const NormJvpParams p, const int tpr) {
   __shared__ float scratch_first[kMaxWarps * 2];
@@ -157,124 +261,131 @@ __global__ void __launch_bounds__(kMaxThreads) norm_jvp_kernel(const NormJvpPara
   }
 
   const float inv_c = 1.f / static_cast<float>(C);
-  float mean = 0.f, rstd = 1.f, tx_mean = 0.f, ntx_mean = 0.f;  // ntx_mean = mean(n * x')
-  if constexpr (NORM == static_cast<int>(NormKind::kLayer)) {
-    float sums[2] = {0.f, 0.f};  // sum x, sum x'
+  RowStats st;
+  if constexpr (NORM != static_cast<int>(NormKind::kNone)) {
+    float sums[2] = {0.f, 0.f};  // zero-filled vectors past C add nothing
 #pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {
-      float xv[VEC], tv[VEC];
-      unpack<T, VEC>(x_raw[i], xv);
-      unpack<T, VEC>(tx_raw[i], tv);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        sums[0] += xv[j];
-        sums[1] += tv[j];
-      }
-    }
+    for (int i = 0; i < ITEMS; ++i) add_first_sums<T, NORM, VEC>(x_raw[i], tx_raw[i], sums);
     row_allreduce<2>(sums, tpr, scratch_first);
-    mean = sums[0] * inv_c;
-    tx_mean = sums[1] * inv_c;
-    // Centered second pass over the registers: no cancellation from sum(x^2) - C mean^2.
-    float centered[2] = {0.f, 0.f};  // sum (x - mu)^2, sum (x - mu) x'
+    if constexpr (NORM == static_cast<int>(NormKind::kLayer)) {
+      st.mean = sums[0] * inv_c;
+      st.tx_mean = sums[1] * inv_c;
+      float centered[2] = {0.f, 0.f};
 #pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {
-      const int64_t e = (static_cast<int64_t>(i) * tpr + lane) * VEC;
-      if (e < C) {
-        float xv[VEC], tv[VEC];
-        unpack<T, VEC>(x_raw[i], xv);
-        unpack<T, VEC>(tx_raw[i], tv);
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const float d = xv[j] - mean;
-          centered[0] += d * d;
-          centered[1] += d * tv[j];
+      for (int i = 0; i < ITEMS; ++i) {
+        if ((static_cast<int64_t>(i) * tpr + lane) * VEC < C) {
+          add_centered_sums<T, VEC>(x_raw[i], tx_raw[i], st.mean, centered);
         }
       }
+      row_allreduce<2>(centered, tpr, scratch_second);
+      st.rstd = rsqrtf(centered[0] * inv_c + p.eps);
+      st.ntx_mean = centered[1] * inv_c * st.rstd;
+    } else {
+      st.rstd = rsqrtf(sums[0] * inv_c + p.eps);
+      st.ntx_mean = sums[1] * inv_c * st.rstd;
     }
-    row_allreduce<2>(centered, tpr, scratch_second);
-    rstd = rsqrtf(centered[0] * inv_c + p.eps);
-    ntx_mean = centered[1] * inv_c * rstd;
-  } else if constexpr (NORM == static_cast<int>(NormKind::kRms)) {
-    float sums[2] = {0.f, 0.f};  // sum x^2, sum x x'
-#pragma unroll
-    for (int i = 0; i < ITEMS; ++i) {
-      float xv[VEC], tv[VEC];
-      unpack<T, VEC>(x_raw[i], xv);
-      unpack<T, VEC>(tx_raw[i], tv);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        sums[0] += xv[j] * xv[j];
-        sums[1] += xv[j] * tv[j];
-      }
-    }
-    row_allreduce<2>(sums, tpr, scratch_first);
-    rstd = rsqrtf(sums[0] * inv_c + p.eps);
-    ntx_mean = sums[1] * inv_c * rstd;
   }
 
   if (!row_ok) return;  // no barrier or shuffle below
   if (lane == 0) {
-    if (p.mean != nullptr) p.mean[row] = mean;
-    if (p.rstd != nullptr) p.rstd[row] = rstd;
+    if (p.mean != nullptr) p.mean[row] = st.mean;
+    if (p.rstd != nullptr) p.rstd[row] = st.rstd;
   }
-
-  T* y_row = static_cast<T*>(p.y) + row * C;
-  T* ty_row = static_cast<T*>(p.ty) + row * C;
-  // The fp32 side inputs (weight, bias, four modulation tensors) are read in 16-byte chunks of kChunk channels, so
-  // at most 6 x kChunk of them are live at once: keeps wide bf16 vectors (8 channels) within the register budget.
-  constexpr int kChunk = VEC < 4 ? VEC : 4;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
     const int64_t e = (static_cast<int64_t>(i) * tpr + lane) * VEC;
-    if (e >= C) continue;
-    // Inputs are unpacked and outputs packed chunk by chunk: only the packed vectors stay live across chunks.
-    const T* xs = reinterpret_cast<const T*>(&x_raw[i]);
-    const T* ts = reinterpret_cast<const T*>(&tx_raw[i]);
-    Raw<T, VEC> y_raw, ty_raw;
-    T* ys = reinterpret_cast<T*>(&y_raw);
-    T* tys = reinterpret_cast<T*>(&ty_raw);
-#pragma unroll
-    for (int c0 = 0; c0 < VEC; c0 += kChunk) {
-      float w[kChunk], bias[kChunk], shift[kChunk], tshift[kChunk], scale[kChunk], tscale[kChunk];
-      if (p.weight != nullptr) {
-        load_vec<float, kChunk>(p.weight + e + c0, w);
-      } else {
-#pragma unroll
-        for (int j = 0; j < kChunk; ++j) w[j] = 1.f;
-      }
-      if (p.bias != nullptr) {
-        load_vec<float, kChunk>(p.bias + e + c0, bias);
-      } else {
-#pragma unroll
-        for (int j = 0; j < kChunk; ++j) bias[j] = 0.f;
-      }
-      load_mod<T, kChunk>(p.shift, mod_f32, b, l, e + c0, shift);
-      load_mod<T, kChunk>(p.tshift, mod_f32, b, l, e + c0, tshift);
-      load_mod<T, kChunk>(p.scale, mod_f32, b, l, e + c0, scale);
-      load_mod<T, kChunk>(p.tscale, mod_f32, b, l, e + c0, tscale);
-#pragma unroll
-      for (int j = 0; j < kChunk; ++j) {
-        const float xj = to_float(xs[c0 + j]), tj = to_float(ts[c0 + j]);
-        float n, nt;
-        if constexpr (NORM == static_cast<int>(NormKind::kLayer)) {
-          n = (xj - mean) * rstd;
-          nt = rstd * (tj - tx_mean - n * ntx_mean);
-        } else if constexpr (NORM == static_cast<int>(NormKind::kRms)) {
-          n = xj * rstd;
-          nt = rstd * (tj - n * ntx_mean);
-        } else {
-          n = xj;
-          nt = tj;
-        }
-        const float a = n * w[j] + bias[j];
-        const float at = nt * w[j];
-        const float gain = 1.f + scale[j];
-        ys[c0 + j] = from_float<T>(a * gain + shift[j]);
-        tys[c0 + j] = from_float<T>(at * gain + a * tscale[j] + tshift[j]);
-      }
+    if (e < C) write_outputs<T, NORM, VEC>(p, mod_f32, b, l, row, e, x_raw[i], tx_raw[i], st);
+  }
+}
+
+// 16-byte asynchronous global -> shared copy (sm_80+; older targets copy through registers).
+__device__ __forceinline__ void copy16_async(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned smem_addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr), "l"(gmem));
+#else
+  *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
+#endif
+}
+
+__device__ __forceinline__ void wait_async_copies() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+#endif
+}
+
+// Rows staged in shared memory: one block per row, the whole row of x (and x') copied with cp.async before any
+// arithmetic. No register holds a row, so an SM keeps many rows (bytes) in flight; used for 16-bit rows of more
+// than 128 vectors, whose register-resident version is limited to two rows per SM (see choose_shape).
+// Needs the vector path (16-byte aligned rows, C % VEC == 0) and blockDim.x a multiple of 32, <= kStagedThreads.
+// Untested on a GPU when written (2026-11-26, after the one measured run); FACM_EXT_NORMS_ROW_STAGING=registers
+// restores the measured register-resident path.
+template <typename T, int NORM>
+__global__ void __launch_bounds__(kStagedThreads, kStagedMinBlocks) norm_jvp_smem_kernel(const NormJvpParams p) {
+  constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  extern __shared__ __align__(16) unsigned char staged[];
+  __shared__ float scratch_first[kMaxWarps * 2];
+  __shared__ float scratch_second[kMaxWarps * 2];
+
+  const int64_t row = blockIdx.x;
+  const int64_t b = row / p.length;
+  const int64_t l = row % p.length;
+  const int64_t C = p.channels;
+  const int vectors = static_cast<int>(C / VEC);
+  const int threads = blockDim.x;
+  const bool has_tx = p.tx.data != nullptr;
+  const bool mod_f32 = p.mod_type == ElemType::kFloat32;
+  T* x_s = reinterpret_cast<T*>(staged);
+  T* tx_s = x_s + C;  // present only with a tangent (the launch sizes the buffer accordingly)
+
+  const T* x_row = static_cast<const T*>(p.x.data) + b * p.x.stride_b + l * p.x.stride_l;
+  for (int v = threadIdx.x; v < vectors; v += threads) copy16_async(x_s + v * VEC, x_row + v * VEC);
+  if (has_tx) {
+    const T* tx_row = static_cast<const T*>(p.tx.data) + b * p.tx.stride_b + l * p.tx.stride_l;
+    for (int v = threadIdx.x; v < vectors; v += threads) copy16_async(tx_s + v * VEC, tx_row + v * VEC);
+  }
+  wait_async_copies();
+  __syncthreads();
+
+  using Vec = Raw<T, VEC>;
+  const Vec zero = raw_zero<T, VEC>();
+  const float inv_c = 1.f / static_cast<float>(C);
+  RowStats st;
+  if constexpr (NORM != static_cast<int>(NormKind::kNone)) {
+    float sums[2] = {0.f, 0.f};
+    for (int v = threadIdx.x; v < vectors; v += threads) {
+      const Vec xr = *reinterpret_cast<const Vec*>(x_s + v * VEC);
+      const Vec tr = has_tx ? *reinterpret_cast<const Vec*>(tx_s + v * VEC) : zero;
+      add_first_sums<T, NORM, VEC>(xr, tr, sums);
     }
-    *reinterpret_cast<Raw<T, VEC>*>(y_row + e) = y_raw;
-    *reinterpret_cast<Raw<T, VEC>*>(ty_row + e) = ty_raw;
+    row_allreduce<2>(sums, threads, scratch_first);
+    if constexpr (NORM == static_cast<int>(NormKind::kLayer)) {
+      st.mean = sums[0] * inv_c;
+      st.tx_mean = sums[1] * inv_c;
+      float centered[2] = {0.f, 0.f};
+      for (int v = threadIdx.x; v < vectors; v += threads) {
+        const Vec xr = *reinterpret_cast<const Vec*>(x_s + v * VEC);
+        const Vec tr = has_tx ? *reinterpret_cast<const Vec*>(tx_s + v * VEC) : zero;
+        add_centered_sums<T, VEC>(xr, tr, st.mean, centered);
+      }
+      row_allreduce<2>(centered, threads, scratch_second);
+      st.rstd = rsqrtf(centered[0] * inv_c + p.eps);
+      st.ntx_mean = centered[1] * inv_c * st.rstd;
+    } else {
+      st.rstd = rsqrtf(sums[0] * inv_c + p.eps);
+      st.ntx_mean = sums[1] * inv_c * st.rstd;
+    }
+  }
+
+  if (threadIdx.x == 0) {
+    if (p.mean != nullptr) p.mean[row] = st.mean;
+    if (p.rstd != nullptr) p.rstd[row] = st.rstd;
+  }
+#pragma unroll 1
+  for (int v = threadIdx.x; v < vectors; v += threads) {
+    const Vec xr = *reinterpret_cast<const Vec*>(x_s + v * VEC);
+    const Vec tr = has_tx ? *reinterpret_cast<const Vec*>(tx_s + v * VEC) : zero;
+    write_outputs<T, NORM, VEC>(p, mod_f32, b, l, row, static_cast<int64_t>(v) * VEC, xr, tr, st);
   }
 }
 
@@ -366,6 +477,36 @@ bool operand_vectorizable(const Operand3d& op, int elem_bytes) {
   return aligned16(op.data) && (op.stride_b * elem_bytes) % 16 == 0 && (op.stride_l * elem_bytes) % 16 == 0;
 }
 
+int64_t staged_bytes(const NormJvpParams& p) {
+  return (p.tx.data != nullptr ? 2 : 1) * p.channels * elem_size(p.x_type);
+}
+
+// 16-bit rows of more than 128 aligned vectors go through the shared-memory-staged kernel, unless the environment
+// sets FACM_EXT_NORMS_ROW_STAGING=registers (A/B comparisons; the register kernel then takes every row).
+bool use_staged_rows(const NormJvpParams& p, bool vectorized, int64_t vectors) {
+  if (!vectorized || elem_size(p.x_type) != 2 || vectors <= 128 || staged_bytes(p) > kMaxStagedBytes) return false;
+  const char* choice = std::getenv("FACM_EXT_NORMS_ROW_STAGING");
+  return choice == nullptr || std::strcmp(choice, "registers") != 0;
+}
+
+template <typename T>
+cudaError_t launch_staged(const NormJvpParams& p, int threads, size_t smem, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(p.batch * p.length)), block(static_cast<unsigned>(threads));
+  switch (p.norm) {
+    case NormKind::kNone:
+      norm_jvp_smem_kernel<T, static_cast<int>(NormKind::kNone)><<<grid, block, smem, stream>>>(p);
+      break;
+    case NormKind::kLayer:
+      norm_jvp_smem_kernel<T, static_cast<int>(NormKind::kLayer)><<<grid, block, smem, stream>>>(p);
+      break;
+    case NormKind::kRms:
+      norm_jvp_smem_kernel<T, static_cast<int>(NormKind::kRms)><<<grid, block, smem, stream>>>(p);
+      break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 bool can_vectorize(const NormJvpParams& p) {
@@ -390,7 +531,21 @@ cudaError_t launch_norm_jvp(const NormJvpParams& p, cudaStream_t stream) {
   if (p.channels > max_channels(p)) return cudaErrorInvalidValue;
   const bool vectorized = can_vectorize(p);
   const int vec = vectorized ? vector_width(p.x_type) : 1;
-  const LaunchShape s = choose_shape(rows, ceil_div(p.channels, vec), vectorized ? kMaxItemsVector : kMaxItemsScalar);
+  const int64_t vectors = ceil_div(p.channels, vec);
+  if (use_staged_rows(p, vectorized, vectors)) {
+    if (rows > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+    // As few passes per thread as 128 threads allow, spread evenly: 144 vectors (C = 1152) -> 96 threads x 2.
+    const int64_t passes = ceil_div(vectors, kStagedThreads);
+    const int threads = static_cast<int>(ceil_div(ceil_div(vectors, passes), 32) * 32);
+    const size_t smem = static_cast<size_t>(staged_bytes(p));
+    switch (p.x_type) {
+      case ElemType::kFloat16: return launch_staged<__half>(p, threads, smem, stream);
+      case ElemType::kBFloat16: return launch_staged<__nv_bfloat16>(p, threads, smem, stream);
+      case ElemType::kFloat32: break;
+    }
+    return cudaErrorInvalidValue;
+  }
+  const LaunchShape s = choose_shape(rows, vectors, vectorized ? kMaxItemsVector : kMaxItemsScalar);
   if (s.grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   switch (p.x_type) {
     case ElemType::kFloat32: return launch_norm<float>(p, vectorized, s, stream);
