@@ -173,8 +173,8 @@ def teacher_velocity(teacher, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tenso
 def facm_loss(model, x: torch.Tensor, y: torch.Tensor, *, t: torch.Tensor, noise: torch.Tensor, teacher=None,
               cfg_scale: float = 1.75, guidance_interval=(0.125, 1.0), null_class: int | None = None,
               p: float = 0.5, fm_weight: float = 1.0, adaptive_p: float = 0.5, adaptive_c: float = 1e-3,
-              jvp_fn: JvpFn | None = None, recompute_primal: bool = False, velocity: torch.Tensor | None = None
-              ) -> dict:
+              jvp_fn: JvpFn | None = None, recompute_primal: bool = False, velocity: torch.Tensor | None = None,
+              fm_model=None) -> dict:
     """FACM loss for one batch. Returns ``dict(loss=scalar, cm=scalar, fm=scalar)`` (cm and fm are batch means;
     ``loss = cm + fm_weight * fm`` carries the gradient for ``model``'s parameters).
 
@@ -193,6 +193,8 @@ def facm_loss(model, x: torch.Tensor, y: torch.Tensor, *, t: torch.Tensor, noise
       recompute_primal: run the JVP under ``no_grad`` and get the differentiable F from a plain forward instead
         (one more forward; for wrappers such as FSDP2 whose hooks the JVP pass cannot carry gradients through).
       velocity: precomputed target velocity ``[B, C, H, W]`` (skips :func:`teacher_velocity`; benchmarks).
+      fm_model: the callable for the FM forward (default ``model``), e.g. ``torch.compile(model)``: the same
+        parameters through a compiled forward, as the reference trainer does.
 
     Formulas (t broadcast per sample over C, H, W):
       x_t = t x + (1 - t) noise;  v = teacher_velocity(...)
@@ -227,7 +229,7 @@ def facm_loss(model, x: torch.Tensor, y: torch.Tensor, *, t: torch.Tensor, noise
 
     # FM anchor at the expanded condition 2 - t; its target is the velocity at the original t.
     if fm_weight > 0:
-        fm = flow_matching_loss(model(x_t, 2 - t, y), v)
+        fm = flow_matching_loss((fm_model or model)(x_t, 2 - t, y), v)
     else:
         fm = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
 
