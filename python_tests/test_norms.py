@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REL_TOL, assert_rel_close, noncontiguous, requires_cuda
+from conftest import assert_rel_close, noncontiguous, requires_cuda
 from facm_ext import _extension
 from facm_ext.ops import _common
 from facm_ext.ops import norms as norm_ops
