@@ -64,9 +64,10 @@ def extension_modules():
         return [CUDAExtension(
             "facm_ext._C",
             read_sources(["cpp", "cuda"]),
+            include_dirs=[str(ROOT / "csrc")],
             extra_compile_args={"cxx": cxx_flags + defines, "nvcc": nvcc_flags},
         )]
-    return [CppExtension("facm_ext._C", read_sources(["cpp"]),
+    return [CppExtension("facm_ext._C", read_sources(["cpp"]), include_dirs=[str(ROOT / "csrc")],
                          extra_compile_args={"cxx": cxx_flags})]
 
 
