@@ -1,11 +1,29 @@
 """Chain-JVP: a streamed forward-mode JVP over FSDP2 (and FSDP1, and plain single-device models).
 
-- ``facm_ext.jvp(model, primals, tangents)`` on a model sharded with FSDP2 ``fully_shard`` per block streams
-  with no change to the call: importing this package registers the FSDP2 module-call handler with the transform
-  (:mod:`facm_ext.chain._handler`); ``set_prefetch(depth)`` sets how many units it all-gathers ahead.
-- ``ChainJVP(blocks, step=..., prefetch=1, mode=None, model=None, root=None)``: the explicit API for a chain of
-  blocks whose forward must be driven by the caller.
-- ``GatherMonitor(modules)``: counts FSDP2 all-gathers and the most units gathered at once (tests, benchmarks).
+Unchanged call, FSDP2 model (``fully_shard`` on each block, then on the model)::
+
+    out, tangent = facm_ext.jvp(lambda x, t: model(x, t, y), (x_t, t), (v, torch.ones_like(t)))
+
+facm_ext.jvp imports this package once FSDP2 is in use, and importing it registers the FSDP2 module-call handler
+(:mod:`facm_ext.chain._handler`): every ``fully_shard`` unit then runs FSDP's own pre-/post-forward on plain
+primal tensors (unshard, mixed-precision cast, the post-/pre-backward hooks) while the tangents travel beside
+them, so that
+
+- each block's parameters are all-gathered once for the forward; with grad enabled the output is
+  differentiable and backward gathers, accumulates and reduce-scatters exactly as after a plain forward;
+- from the second call on (the first records the order of units), the next ``set_prefetch(depth)`` units
+  (default 1) are all-gathered on FSDP's all-gather streams while the current block computes; at most
+  ``1 + depth`` blocks hold gathered parameters at any moment (FSDP's extra retained all-gather buffer is freed
+  right after each copy-out);
+- an exception inside a unit leaves every unit of the tree resharded and FSDP's state idle (when all ranks
+  raise at the same point, as they do for errors that do not depend on rank-local data, nothing hangs; a
+  failure on one rank only leaves the others waiting in their next collective until the process group's
+  timeout, as with any SPMD program).
+
+Models whose forward must be driven explicitly: ``ChainJVP(blocks, step=..., prefetch=1, mode=None, model=None,
+root=None)`` with modes ``"tangent"``, ``"grad"`` and ``"hybrid"`` (JVP under no_grad, then an ordinary forward
+with grad: one more gather per block; the grad mode for FSDP1 units). ``GatherMonitor(modules)`` counts FSDP2
+all-gathers per unit and the most units gathered at once.
 """
 
 from facm_ext.chain._chain import MODES, ChainJVP, default_step
