@@ -24,6 +24,8 @@ def load() -> bool:
     with _lock:
         if _loaded is None:
             try:
+                import torch  # noqa: F401  (the extension links against libtorch/libc10, loaded by torch)
+
                 importlib.import_module("facm_ext._C")
                 _loaded = True
             except ImportError as exc:  # missing or unbuildable extension: the ops still work without it
