@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_check.sh                 # all stages
 #   bash benchmarks/gpu_check.sh build tests     # some stages (a warm machine keeps the build between calls)
 # Stages: env build tests sanitize bench summary. Logs and JSON go to $OUT (or ./gpu_check_out).
-# Environment: BENCH_FILTER (pytest -k expression for the benchmarks), TEST_FILTER (for the tests),
+# Environment: BENCH_FILTER (pytest -k expression for the benchmarks), TEST_FILTER, TEST_MARK (for the tests),
 #              TORCH_CUDA_ARCH_LIST (default 9.0 here, to keep the build short on the lent Hopper machines).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +37,7 @@ if has_stage build; then
 fi
 
 if has_stage tests; then
-  python3 -m pytest python_tests -q -x -p no:cacheprovider ${TEST_FILTER:+-k "$TEST_FILTER"} \
+  python3 -m pytest python_tests -q --maxfail=25 -p no:cacheprovider ${TEST_MARK:+-m "$TEST_MARK"} ${TEST_FILTER:+-k "$TEST_FILTER"} \
     --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
   rc=$?
   note tests "exit $rc: $(tail -1 "$OUT/tests.log")"
