@@ -10,7 +10,8 @@ with the model, EMA and optimizer, so ``--resume`` continues bit for bit on the 
 
 ``torchrun --nproc_per_node N -m facm_ext.train ...`` shards the student with FSDP2 (one unit per block plus the
 root); the JVP streams through the units with facm_ext.chain's FSDP2 handler. Each rank draws the same global
-batch and keeps its slice, so the global batch (``--batch``) and the results do not depend on N.
+batch and keeps its slice, so the global batch (``--batch``) and the objective do not depend on N (the logged
+losses are rank 0's share). Evaluation runs on rank 0 with gathered EMA weights.
 """
 
 from __future__ import annotations
@@ -50,14 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16: autocast on CUDA (parameters stay fp32)")
     g = p.add_argument_group("data and model")
     g.add_argument("--image-size", type=int, choices=[8, 16], default=8, help="digits as is (8) or upsampled (16)")
+    g.add_argument("--patch-size", type=int, choices=[1, 2], default=2, help="2: 16 tokens for 8x8 digits")
     g.add_argument("--hidden-size", type=int, default=64)
     g.add_argument("--depth", type=int, default=4)
     g.add_argument("--num-heads", type=int, default=4)
     g.add_argument("--mlp-ratio", type=float, default=4.0)
     g = p.add_argument_group("optimization")
     g.add_argument("--batch", type=int, default=64, help="global batch size")
-    g.add_argument("--stage1-steps", type=int, default=1200, help="teacher pretraining steps (0: skip)")
-    g.add_argument("--facm-steps", type=int, default=400, help="FACM distillation steps")
+    g.add_argument("--stage1-steps", type=int, default=1500, help="teacher pretraining steps (0: skip)")
+    g.add_argument("--facm-steps", type=int, default=500, help="FACM distillation steps")
     g.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, stage 1")
     g.add_argument("--facm-lr", type=float, default=3e-4, help="AdamW learning rate, stage 2")
     g.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -138,7 +140,7 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
 
 
 def model_config(args) -> dict:
-    return dict(input_size=args.image_size, patch_size=1, in_channels=1, hidden_size=args.hidden_size,
+    return dict(input_size=args.image_size, patch_size=args.patch_size, in_channels=1, hidden_size=args.hidden_size,
                 depth=args.depth, num_heads=args.num_heads, mlp_ratio=args.mlp_ratio,
                 num_classes=digits.NUM_CLASSES)
 
@@ -480,6 +482,7 @@ def train(args, out: Path, device, dist: Dist) -> TrainState:
         if in_stage1:
             y = facm.drop_labels(y, prob=args.label_dropout, null_class=null_class, generator=gen)
             t = torch.rand(args.batch, generator=gen)
+            expanded = torch.arange(args.batch) >= args.batch - args.batch // 2  # of the global batch
         elif args.objective == "meanflow":
             t_a = facm.sample_t(args.batch, generator=gen, mean=args.time_mean, std=args.time_std)
             t_b = facm.sample_t(args.batch, generator=gen, mean=args.time_mean, std=args.time_std)
@@ -492,7 +495,7 @@ def train(args, out: Path, device, dist: Dist) -> TrainState:
             if in_stage1:
                 # MeanFlow: stage 1 trains the wrapped one-time model, which becomes the teacher.
                 net = state.model.model if isinstance(state.model, facm.TwoTimeModel) else state.model
-                losses = facm.stage1_loss(net, x, y, t=t, noise=noise)
+                losses = facm.stage1_loss(net, x, y, t=t, noise=noise, expanded=expanded[local])
             elif args.objective == "meanflow":
                 losses = facm.meanflow_loss(state.model, x, y, t=t, r=r[local].to(device), noise=noise,
                                             teacher=state.teacher, cfg_scale=args.cfg_scale,

@@ -217,6 +217,21 @@ def test_stage1_loss_matches_transcription():
     torch.testing.assert_close(out["high"], per[3:].mean(), rtol=1e-12, atol=1e-14)
 
 
+def test_stage1_loss_expanded_mask():
+    torch.manual_seed(0)
+    model = ToyVelocityNet().double()
+    x, y, _, noise = _batch(batch=4)
+    t = torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)
+    expanded = torch.tensor([True, False, True, False])
+    out = facm.stage1_loss(model, x, y, t=t, noise=noise, expanded=expanded)
+    tt = t.view(-1, 1, 1, 1)
+    per = transcribed_fm(model(tt * x + (1 - tt) * noise, torch.where(expanded, 2 - t, t), y), x - noise)
+    torch.testing.assert_close(out["loss"], per.mean(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(out["high"], per[expanded].mean(), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="expanded"):
+        facm.stage1_loss(model, x, y, t=t, noise=noise, expanded=torch.ones(4))
+
+
 class AffineNet(nn.Module):
     """F(x, t, y) = a x + b t + c y, with the calls recorded: the samplers' arithmetic can be written by hand."""
 

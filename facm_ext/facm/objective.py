@@ -257,24 +257,32 @@ def facm_loss(model, x: torch.Tensor, y: torch.Tensor, *, t: torch.Tensor, noise
 
 
 # -------------------------------------------------------------------------------------------------------- stage 1
-def stage1_loss(model, x: torch.Tensor, y: torch.Tensor, *, t: torch.Tensor, noise: torch.Tensor) -> dict:
+def stage1_loss(model, x: torch.Tensor, y: torch.Tensor, *, t: torch.Tensor, noise: torch.Tensor,
+                expanded: torch.Tensor | None = None) -> dict:
     """Teacher pretraining with the expanded interval. Returns ``dict(loss=scalar, low=scalar, high=scalar)``.
 
     x ``[B, C, H, W]``, y ``[B]`` long (label dropout for guidance is applied by the caller, see
     :func:`drop_labels`), t ``[B]`` (uniform in [0, 1]), noise x's shape. The first ``B - B // 2`` samples use
-    condition t, the last ``B // 2`` condition ``2 - t``; both halves regress the same velocity ``x - noise`` with
+    condition t, the last ``B // 2`` condition ``2 - t`` (or: ``expanded`` ``[B]`` bool marks the samples at
+    ``2 - t``, for a batch sliced across ranks); all regress the same velocity ``x - noise`` with
     :func:`flow_matching_loss` (MSE + channel cosine). ``loss`` is the mean over the whole batch; ``low`` and
-    ``high`` are the means of each half (``high`` is 0 for B = 1).
+    ``high`` are the means over each group (0 for an empty group).
     """
     _check_batch(x, y, t, noise)
+    if expanded is None:
+        expanded = torch.arange(x.shape[0], device=t.device) >= x.shape[0] - x.shape[0] // 2
+    elif expanded.shape != t.shape or expanded.dtype != torch.bool:
+        raise ValueError(f"expanded: expected a bool tensor of shape {tuple(t.shape)}, got {expanded.dtype} "
+                         f"{tuple(expanded.shape)}")
+    expanded = expanded.to(t.device)
     tb = _bcast(t, x)
     x_t = tb * x + (1 - tb) * noise
     target = x - noise
-    n_low = x.shape[0] - x.shape[0] // 2
-    condition = torch.cat([t[:n_low], 2 - t[n_low:]])
+    condition = torch.where(expanded, 2 - t, t)
     per_sample = flow_matching_loss(model(x_t, condition, y), target)
-    low = per_sample[:n_low].mean()
-    high = per_sample[n_low:].mean() if n_low < x.shape[0] else per_sample.new_zeros(())
+    zero = per_sample.new_zeros(())
+    low = per_sample[~expanded].mean() if bool((~expanded).any()) else zero
+    high = per_sample[expanded].mean() if bool(expanded.any()) else zero
     return {"loss": per_sample.mean(), "low": low, "high": high}
 
 
