@@ -50,8 +50,8 @@ def full_grad(param: torch.Tensor) -> torch.Tensor | None:
 
 
 def grad_report(sharded: nn.Module, reference: nn.Module) -> dict:
-    """Largest relative gradient error over parameters, and parameters whose gradient is missing."""
-    worst, missing, count = 0.0, [], 0
+    """Largest relative gradient error over parameters (and which), and parameters whose gradient is missing."""
+    worst, worst_name, missing, count = 0.0, "", [], 0
     ref_params = dict(reference.named_parameters())
     for name, param in sharded.named_parameters():
         ref_grad = ref_params[name].grad
@@ -62,8 +62,10 @@ def grad_report(sharded: nn.Module, reference: nn.Module) -> dict:
         if grad is None:
             missing.append(name)
             continue
-        worst = max(worst, rel(grad, ref_grad))
-    return {"grad_err": worst, "grads_missing": missing, "grads_compared": count}
+        err = rel(grad, ref_grad)
+        if err > worst:
+            worst, worst_name = err, name
+    return {"grad_err": worst, "grad_err_param": worst_name, "grads_missing": missing, "grads_compared": count}
 
 
 def randomize(model: nn.Module, seed: int, scale: float = 0.2) -> None:
@@ -74,14 +76,14 @@ def randomize(model: nn.Module, seed: int, scale: float = 0.2) -> None:
             param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * scale)
 
 
-def shard(model: nn.Module, *, mp_policy=None, root: bool = True) -> nn.Module:
+def shard(model: nn.Module, *, mp_policy=None, root_mp_policy=None, root: bool = True) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     kwargs = {} if mp_policy is None else {"mp_policy": mp_policy}
     for block in model.blocks:
         fully_shard(block, **kwargs)
     if root:
-        fully_shard(model, **kwargs)
+        fully_shard(model, **({} if root_mp_policy is None else {"mp_policy": root_mp_policy}) or kwargs)
     return model
 
 
@@ -438,7 +440,65 @@ def with_torch_func_seam(scenario):
     return run
 
 
+def scenario_transform_mixed_precision():
+    """facm_ext.jvp(model, ...) on a float64 LightningDiT with MixedPrecisionPolicy(param_dtype=float32) and, on the
+    root, output_dtype=float64: blocks compute in fp32 on fp32-cast inputs (a registered module rule records what
+    each block sees), the output and its tangent come back in fp64."""
+    import facm_ext.jvp as transform
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from facm_ext.chain import _handler
+
+    generator = torch.Generator().manual_seed(7)
+    model = tiny_lightningdit()
+    x = torch.randn(BATCH, 4, 4, 4, generator=generator, dtype=torch.float64).to(DEVICE)
+    y = torch.tensor([1, 10], device=DEVICE)
+    t = torch.rand(BATCH, generator=generator, dtype=torch.float64).to(DEVICE)
+    v = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(DEVICE)
+    # Two unsharded references: float64 (exact) and fp32 on fp32-cast inputs (what the policy computes).
+    reference = copy.deepcopy(model)
+    reference32 = copy.deepcopy(model).float()
+    model.feat_rope.float()  # buffers are not cast by FSDP; float64 RoPE tables would promote q and k
+    shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32),
+          root_mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                              output_dtype=torch.float64))
+    with sdpa_kernel(SDPBackend.MATH):
+        ref_out, ref_tangent = torch.func.jvp(lambda a, b: reference(a, b, y), (x, t), (v, torch.ones_like(t)))
+    # A registered module rule (what the transform runs first for a module) records what each block sees; the
+    # blocks then run their own forward, with every function still fused by the transform.
+    seen = set()
+    original_forward = type(reference32.blocks[0]).forward
+
+    def recording_rule(module, args, kwargs):
+        seen.update(str(p.dtype) for p in module.parameters())
+        seen.update(f"input {a.dtype}" for a in args if isinstance(a, torch.Tensor))
+        return original_forward(module, *args, **kwargs)
+
+    rule_types = (type(reference32.blocks[0]), type(model.blocks[0]))
+    for rule_type in rule_types:
+        transform.register_jvp_rule(rule_type, recording_rule)
+    try:
+        # The fp32 reference runs through the same transform and ops, unsharded.
+        ref32_out, _ = transform.jvp(lambda a, b: reference32(a, b, y), (x.float(), t.float()),
+                                     (v.float(), torch.ones_like(t, dtype=torch.float32)))
+        seen.clear()
+        _handler.register_with_transform()
+        out, tangent = transform.jvp(lambda a, b: model(a, b, y), (x, t), (v, torch.ones_like(t)))
+    finally:
+        for rule_type in rule_types:
+            transform.register_jvp_rule(rule_type, None)
+    weight = torch.randn(ref_out.shape, generator=generator, dtype=torch.float64).to(DEVICE)
+    (ref_out * weight).sum().backward()
+    (ref32_out * weight.float()).sum().backward()
+    (out * weight).sum().backward()
+    # Gradients against the unsharded fp32 model through the same ops: fp32 gradients of norm weights sum many
+    # cancelling terms, so against float64 they differ by ~1e-4 whatever runs them; the chain must add nothing.
+    return dict(out_err=rel(out, ref_out), tangent_err=rel(tangent, ref_tangent), out_dtype=str(out.dtype),
+                tangent_dtype=str(tangent.dtype), block_dtypes=sorted(seen), **grad_report(model, reference32))
+
+
 SCENARIOS = {
+    "transform_mixed_precision": scenario_transform_mixed_precision,
     "lightningdit_chain": scenario_lightningdit_chain,
     "lightningdit_chain_torch_func": with_torch_func_seam(scenario_lightningdit_chain),
     "wan_chain": scenario_wan_chain,

@@ -209,7 +209,8 @@ def run_worker(tmp_dir: Path, scenarios: list[str], *, env_extra: dict | None = 
 
 
 FSDP2_SCENARIOS = ["lightningdit_chain", "lightningdit_chain_torch_func", "wan_chain", "mixed_precision",
-                   "exception_safety", "errors", "lightningdit_transform", "wan_transform"]
+                   "exception_safety", "errors", "lightningdit_transform", "wan_transform",
+                   "transform_mixed_precision"]
 
 
 @pytest.fixture(scope="module", params=["gloo", "nccl"])
@@ -288,6 +289,21 @@ def test_fsdp2_chain_mixed_precision(dist_results):
         assert case["param_dtypes_in_step"] == ["torch.float32"]
         assert case["out_dtype"] == "torch.float32" and case["tangent_dtype"] == "torch.float32"
         check_case(case, depth=LIGHTNINGDIT_DEPTH, prefetch=1, mode="grad", tol=REL_TOL[torch.float32] * 5)
+
+
+def test_transform_mixed_precision(dist_results):
+    """The unchanged call honours FSDP's MixedPrecisionPolicy: blocks see fp32 parameters and fp32 inputs, the
+    root's output_dtype=float64 casts the output and its tangent. Outputs and tangents are within fp32 accuracy
+    of the float64 reference; gradients equal (to fp32 accuracy) those of the unsharded model run in fp32 through
+    the same transform (against float64, fp32 gradients of norm weights, sums of many cancelling terms, differ
+    by ~1e-4 whatever computes them)."""
+    for result in ranks(dist_results, "transform_mixed_precision"):
+        assert result["block_dtypes"] == ["input torch.float32", "torch.float32"], result
+        assert result["out_dtype"] == "torch.float64" and result["tangent_dtype"] == "torch.float64", result
+        tol = REL_TOL[torch.float32] * 5
+        assert result["out_err"] <= tol and result["tangent_err"] <= tol, result
+        assert result["grads_missing"] == [] and result["grads_compared"] > 0, result
+        assert result["grad_err"] <= tol, result
 
 
 @pytest.mark.parametrize("scenario,depth", [("lightningdit_transform", LIGHTNINGDIT_DEPTH),
