@@ -644,3 +644,21 @@ def test_patterns_keep_hooks_and_replaced_forwards():
         del mlp.forward
     ref, tref = reference_jvp(lambda inp: nn.Sequential.forward(mlp, inp) * 2, (x,), (tx,))
     assert_rel_close(tout, tref, F64, what="tangent with a replaced forward")
+
+
+def test_random_ops_share_the_draw_between_primal_and_tangent():
+    def f(x):
+        return F.dropout(x * 2, p=0.5, training=True) + F.dropout(x, p=0.3, training=True).sin()
+
+    x, tx = randn(64), randn(64)
+    torch.manual_seed(123)
+    out, tout = facm_ext.jvp(f, (x,), (tx,))
+    after_ours = torch.rand(1)
+    torch.manual_seed(123)
+    ref, tref = torch.func.jvp(f, (x,), (tx,))
+    after_ref = torch.rand(1)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(tout, tref)
+    assert torch.equal(after_ours, after_ref), "the generator must advance exactly as one plain call"
+    with pytest.raises(JVPTransformError, match="random"):
+        facm_ext.jvp(lambda x: F.dropout(x * 1, p=0.5, training=True, inplace=True), (x,), (tx,))

@@ -246,6 +246,12 @@ _UNARY_DERIVATIVES: dict[str, Callable] = {
 }
 
 
+# Ops that draw random numbers: their primal and tangent must see the same draw (see fallback).
+_RANDOM_NAMES = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+                 "native_dropout", "rrelu", "fused_dropout", "bernoulli", "rand_like", "randn_like",
+                 "normal", "multinomial", "gumbel_softmax"}
+
+
 def _name(func) -> str:
     return getattr(func, "__name__", "")
 
@@ -342,6 +348,8 @@ def _classify(func) -> tuple[str, str]:
         kind = "unary"
     elif name in ("masked_fill", "pad"):
         kind = name
+    elif name in _RANDOM_NAMES:
+        kind = "random"
     elif name in ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
         kind = "conv"
     else:
@@ -385,6 +393,27 @@ def fallback(func, args: tuple, kwargs: dict, *, tangent_context: Optional[Calla
         return _inplace(func, args, kwargs, flat, spec, dual_idx)
     if STATE.report is not None:
         record_fallback(what or func_name(func), reason)
+
+    if kind == "random":
+        # The tangent is computed by replaying the op under torch.func.jvp: run the primal inside fork_rng so the
+        # replay starts from the same generator state (same mask), and the state afterwards is the state one
+        # plain call leaves.
+        cuda_devices = sorted({a.device.index or 0 for a in flat if isinstance(a, torch.Tensor) and a.is_cuda})
+        with torch.random.fork_rng(devices=cuda_devices), DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        out_flat, how = _flatten_out(out)
+        diff_positions = [i for i, o in enumerate(out_flat)
+                          if isinstance(o, torch.Tensor) and _is_differentiable_dtype(o)]
+        if not diff_positions:
+            return out
+        with torch.no_grad(), DisableTorchFunctionSubclass():
+            tangents_flat = _functorch_tangent(func, flat, spec, dual_idx, out_flat, diff_positions,
+                                               tangent_context)
+        result = list(out_flat)
+        for i in diff_positions:
+            tangent = tangents_flat[i]
+            result[i] = _wrap(out_flat[i], tangent if isinstance(tangent, torch.Tensor) else None)
+        return _unflatten_out(result, how) if how is not None else result[0]
 
     with DisableTorchFunctionSubclass():
         out = func(*args, **kwargs)
@@ -627,6 +656,9 @@ def _inplace(func, args: tuple, kwargs: dict, flat: list, spec, dual_idx: list):
         raise JVPTransformError(f"facm_ext.jvp: {func_name(func)}(..., out=...) writes into a preallocated tensor, "
                                 "whose tangent cannot be tracked; call the op without out=")
     target = args[0]
+    if _classify(func)[1] in _RANDOM_NAMES or _name(func).rstrip("_") in _RANDOM_NAMES:
+        raise JVPTransformError(f"facm_ext.jvp: in-place random op {func_name(func)} (e.g. dropout with "
+                                "inplace=True) cannot replay its draw for the tangent; use inplace=False")
     if type(target) is not DualTensor:
         raise JVPTransformError(
             f"facm_ext.jvp: in-place {func_name(func)} writes a value carrying a tangent into a tensor that has none "
