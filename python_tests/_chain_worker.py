@@ -497,7 +497,44 @@ def scenario_transform_mixed_precision():
                 tangent_dtype=str(tangent.dtype), block_dtypes=sorted(seen), **grad_report(model, reference32))
 
 
+def scenario_facm_step():
+    """FACM's step on the sharded model: the JVP with grad (facm_ext.jvp) and an ordinary forward of the same
+    model (FSDP's own hooks) before one backward through both; gradients equal the unsharded reference."""
+    import facm_ext.jvp as transform
+
+    generator = torch.Generator().manual_seed(8)
+    model = tiny_lightningdit()
+    x = torch.randn(BATCH, 4, 4, 4, generator=generator, dtype=torch.float64).to(DEVICE)
+    y = torch.tensor([3, 10], device=DEVICE)
+    t = torch.rand(BATCH, generator=generator, dtype=torch.float64).to(DEVICE)
+    v = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(DEVICE)
+    weight_cm = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(DEVICE)
+    weight_fm = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(DEVICE)
+    reference = copy.deepcopy(model)
+    shard(model)
+
+    def step(net, jvp):
+        out_cm, tangent = jvp(lambda a, b: net(a, b, y), (x, t), (v, torch.ones_like(t)))
+        out_fm = net(x, 2 - t, y)
+        loss = (out_cm * weight_cm * (1 + tangent.detach().tanh())).sum() + (out_fm * weight_fm).sum()
+        loss.backward()
+        return out_cm, tangent, out_fm
+
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = step(reference, torch.func.jvp)
+    results = {}
+    for attempt in ("first", "second"):
+        model.zero_grad(set_to_none=True)
+        with GatherMonitor(model.blocks) as monitor:
+            got = step(model, transform.jvp)
+        results[attempt] = dict(out_err=rel(got[0], ref[0]), tangent_err=rel(got[1], ref[1]),
+                                fm_err=rel(got[2], ref[2]), gathers=[monitor.gathers[b] for b in model.blocks],
+                                resharded=all_blocks_resharded(model.blocks), **grad_report(model, reference))
+    return results
+
+
 SCENARIOS = {
+    "facm_step": scenario_facm_step,
     "transform_mixed_precision": scenario_transform_mixed_precision,
     "lightningdit_chain": scenario_lightningdit_chain,
     "lightningdit_chain_torch_func": with_torch_func_seam(scenario_lightningdit_chain),

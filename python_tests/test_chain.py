@@ -210,7 +210,7 @@ def run_worker(tmp_dir: Path, scenarios: list[str], *, env_extra: dict | None = 
 
 FSDP2_SCENARIOS = ["lightningdit_chain", "lightningdit_chain_torch_func", "wan_chain", "mixed_precision",
                    "exception_safety", "errors", "lightningdit_transform", "wan_transform",
-                   "transform_mixed_precision"]
+                   "transform_mixed_precision", "facm_step"]
 
 
 @pytest.fixture(scope="module", params=["gloo", "nccl"])
@@ -328,6 +328,19 @@ def test_transform_streams_fsdp2_model(dist_results, scenario, depth):
         no_grad = result["no_grad"]
         assert no_grad["out_err"] <= F64 and no_grad["tangent_err"] <= F64
         assert no_grad["out_requires_grad"] is False and no_grad["resharded_after_forward"] is True
+
+
+def test_facm_step_on_fsdp2(dist_results):
+    """FACM's step: facm_ext.jvp with grad plus an ordinary forward of the same sharded model, one backward through
+    both (the loss also uses the detached tangent): outputs and every gradient equal the unsharded reference."""
+    for result in ranks(dist_results, "facm_step"):
+        for attempt in ("first", "second"):
+            case = result[attempt]
+            assert max(case["out_err"], case["tangent_err"], case["fm_err"], case["grad_err"]) <= F64, case
+            assert case["grads_missing"] == [] and case["grads_compared"] > 0, case
+            # JVP pass and FM forward gather each block once each; FSDP's backward gathers it once per use.
+            assert case["gathers"] == [4] * LIGHTNINGDIT_DEPTH, case
+            assert case["resharded"] is True
 
 
 def test_fsdp2_exception_leaves_blocks_resharded(dist_results):
