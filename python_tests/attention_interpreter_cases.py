@@ -56,16 +56,33 @@ def test_interpreter_forward(dtype, shape, tangent_set):
         assert_rel_close(to, ref_to, dtype, what="to")
 
 
-@pytest.mark.parametrize("mode", ["16", "0"])
-@pytest.mark.parametrize("tangent_set", ["all", "tk_tv"])
-def test_interpreter_head_split_modes(mode, tangent_set, monkeypatch):
-    # 72 = 64 + 16 and 72 padded to 128 (the default 64 + 32 is covered above).
-    monkeypatch.setenv("FACM_EXT_ATTN_HEAD_SPLIT", mode)
-    q, k, v, tq, tk, tv = _inputs(1, 2, 40, 70, 72, torch.float32, TANGENT_SETS[tangent_set])
+@pytest.mark.parametrize("head_dim", [80, 96, 48])
+@pytest.mark.parametrize("tangent_set", ["all", "tk_tv", "tq_only"])
+def test_interpreter_exact_head_split(head_dim, tangent_set, monkeypatch):
+    # FACM_EXT_ATTN_HEAD_SPLIT=1: two dots per product (80 = 64 + 16, 96 = 64 + 32, 48 = 32 + 16).
+    monkeypatch.setenv("FACM_EXT_ATTN_HEAD_SPLIT", "1")
+    from facm_ext.kernels.attention_jvp_triton import split_head_dim
+
+    assert split_head_dim(head_dim)[1] > 0
+    q, k, v, tq, tk, tv = _inputs(1, 2, 40, 70, head_dim, torch.float32, TANGENT_SETS[tangent_set])
     o, to = attention_jvp(q, k, v, tq, tk, tv)
     ref_o, ref_to = _reference_jvp(q, k, v, tq, tk, tv)
     assert_rel_close(o, ref_o, torch.float32, what="o")
     assert_rel_close(to, ref_to, torch.float32, what="to")
+
+
+@pytest.mark.parametrize("shape,lengths", [((2, 2, 17, 130, 72), [1, 130]), ((1, 2, 40, 33, 80), None)])
+def test_interpreter_align_hints(shape, lengths, monkeypatch):
+    from facm_ext.kernels import attention_jvp_triton
+
+    monkeypatch.setenv("FACM_EXT_ATTN_ALIGN_HINTS", "1")
+    q, k, v, tq, tk, tv = _inputs(*shape, torch.float16)
+    assert attention_jvp_triton._align_hints(q, k, v, tq, tk, tv)
+    key_lengths = None if lengths is None else torch.tensor(lengths)
+    o, to = attention_jvp(q, k, v, tq, tk, tv, key_lengths=key_lengths)
+    ref_o, ref_to = _reference_jvp(q, k, v, tq, tk, tv, key_lengths)
+    assert_rel_close(o, ref_o, torch.float16, what="o")
+    assert_rel_close(to, ref_to, torch.float16, what="to")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -242,6 +242,46 @@ def test_gpu_triton_key_lengths_and_noncontiguous(dtype, lengths):
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [80, 96])
+@pytest.mark.parametrize("tangent_set", ["all", "tq_only", "tk_tv"])
+def test_gpu_exact_head_split(dtype, head_dim, tangent_set, monkeypatch):
+    # The opt-in two-dot head split (FACM_EXT_ATTN_HEAD_SPLIT=1), with key lengths and non-contiguous inputs.
+    monkeypatch.setenv("FACM_EXT_ATTN_HEAD_SPLIT", "1")
+    q, k, v, tq, tk, tv = _inputs(2, 2, 45, 130, head_dim, dtype, "cuda", TANGENT_SETS[tangent_set])
+    key_lengths = torch.tensor([77, 130], device="cuda")
+    o, to = attention_jvp(*[None if x is None else noncontiguous(x) for x in (q, k, v, tq, tk, tv)],
+                          key_lengths=key_lengths)
+    ref_o, ref_to = _reference_jvp(q, k, v, tq, tk, tv, key_lengths=key_lengths)
+    math_o, math_to = _reference_jvp(q, k, v, tq, tk, tv, key_lengths=key_lengths, dtype=dtype)
+    _bounded(o, ref_o, math_o, dtype, "o")
+    _bounded(to, ref_to, math_to, dtype, "to")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tangent_set", ["all", "tq_only", "tk_tv", "none"])
+@pytest.mark.parametrize("shape,lengths", [((2, 3, 130, 130, 72), None), ((2, 2, 1, 17, 72), None),
+                                           ((2, 2, 45, 130, 72), [77, 130]), ((1, 2, 64, 80, 80), None)])
+def test_gpu_align_hints(dtype, tangent_set, shape, lengths, monkeypatch):
+    # The opt-in FACM_EXT_ATTN_ALIGN_HINTS=1 path (16-byte row loads of 72/80-wide heads).
+    from facm_ext.kernels import attention_jvp_triton
+
+    monkeypatch.setenv("FACM_EXT_ATTN_ALIGN_HINTS", "1")
+    q, k, v, tq, tk, tv = _inputs(*shape, dtype, "cuda", TANGENT_SETS[tangent_set])
+    assert attention_jvp_triton._align_hints(q, k, v)
+    key_lengths = None if lengths is None else torch.tensor(lengths, device="cuda")
+    o, to = attention_jvp(q, k, v, tq, tk, tv, key_lengths=key_lengths)
+    ref_o, ref_to = _reference_jvp(q, k, v, tq, tk, tv, key_lengths=key_lengths)
+    math_o, math_to = _reference_jvp(q, k, v, tq, tk, tv, key_lengths=key_lengths, dtype=dtype)
+    _bounded(o, ref_o, math_o, dtype, "o")
+    if tangent_set == "none":
+        assert torch.count_nonzero(to) == 0
+    else:
+        _bounded(to, ref_to, math_to, dtype, "to")
+
+
+@requires_cuda
 def test_gpu_fp32_and_unsupported_head_dim_use_the_math_path():
     q, k, v, tq, tk, tv = _inputs(1, 2, 33, 40, 72, torch.float32, "cuda")
     assert attention_ops._forward_backend(q) == "reference"
@@ -275,7 +315,7 @@ def _check_gpu_backward(backend, dtype, shape, key_lengths, monkeypatch):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(2, 3, 130, 130, 72), (1, 2, 17, 200, 128), (1, 2, 257, 64, 64), (1, 2, 64, 96, 80)])
-@pytest.mark.parametrize("backend", ["flash", "triton"])
+@pytest.mark.parametrize("backend", ["flash", "triton", "cudnn"])
 def test_gpu_backward(backend, dtype, shape, monkeypatch):
     _check_gpu_backward(backend, dtype, shape, None, monkeypatch)
 

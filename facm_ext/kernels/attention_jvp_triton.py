@@ -12,11 +12,14 @@ Forward (docs jvp_math.md, "Softmax attention"), per query tile and per key tile
   O' = Acc_T / l - mu O, lse = (m + log2 l) * ln 2 (natural log, the layout [B, H, Lq] fp32 that PyTorch's
   flash backward reads too). Keys at or beyond the row's key length are never loaded as valid: P~ = 0, S' = 0.
 
-Head dims that are not a power of two are split into two power-of-two dot widths D0 + D1 with the channels past
-head_dim masked on load (72 = 64 + 32, 80 = 64 + 32, 96 = 64 + 32): every product is two dots, and at 72 the dots do
-96 channels of work instead of 128 when padding to 128. The tighter 72 = 64 + 16 (80 channels) is available
-(FACM_EXT_ATTN_HEAD_SPLIT=16) but Triton 3.6 on sm_90 computes the 16-wide tangent products wrongly (see
-:func:`head_split_mode`).
+Head dims that are not a power of two (72 for DiT and LightningDiT) are padded, by default, to the next power of
+two inside the kernel (channels >= head_dim masked on load and store): 72 runs 128-wide dots. The kernel can also
+split the head into two power-of-two dot widths D0 + D1 (two dots per product), and does so only when
+FACM_EXT_ATTN_HEAD_SPLIT=1 and the split is exact (80 = 64 + 16, 96 = 64 + 32, 48 = 32 + 16). A split with masked
+channels in the D1 part (72 = 64 + 16 or 64 + 32) is never used: measured on an H200 with Triton 3.6 (2026-11-26),
+it gives a wrong O' (relative error 0.27-0.49 against 0.007 for the math path) whenever V' is given, for both
+D1 = 16 and D1 = 32, every block configuration and num_stages 1-3, while O, the Q'-only case and the padded head
+are correct; the interpreter computes it correctly, so it is a Triton code-generation problem on sm_90.
 """
 
 from __future__ import annotations
@@ -39,32 +42,32 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def head_split_mode() -> int:
-    """FACM_EXT_ATTN_HEAD_SPLIT: 32 (default) splits head dims that are not powers of two as D0 + D1 with D1 >= 32;
-    16 allows D1 = 16 (72 = 64 + 16: least padding, but Triton 3.6 on sm_90 miscompiles the tangent's 16-wide
-    P V' product, measured on an H200: O' wrong in the last channels); 0 pads the head to a power of two."""
-    value = os.environ.get("FACM_EXT_ATTN_HEAD_SPLIT", "32").strip()
-    if value not in ("0", "16", "32"):
-        raise ValueError(f"FACM_EXT_ATTN_HEAD_SPLIT: expected 0, 16 or 32, got {value!r}")
-    return int(value)
+def head_split_mode() -> bool:
+    """FACM_EXT_ATTN_HEAD_SPLIT=1 allows the exact two-dot head split (80 = 64 + 16, 96 = 64 + 32); the default (0)
+    pads every head dim that is not a power of two to the next one. Measured on an H200 (Triton 3.6), the exact
+    splits of 80 and 96 agreed with the float64 JVP in bf16 for (q', k', v'), v' only and k' only; the full GPU
+    test suite ran with padding."""
+    value = os.environ.get("FACM_EXT_ATTN_HEAD_SPLIT", "0").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"FACM_EXT_ATTN_HEAD_SPLIT: expected 0 or 1, got {value!r}")
+    return value == "1"
 
 
-def split_head_dim(head_dim: int, mode: int | None = None) -> tuple[int, int]:
-    """head_dim -> (D0, D1): D0 the largest power of two <= head_dim and D1 a power of two >= the mode's minimum
-    (see :func:`head_split_mode`) covering the rest; the kernels mask the channels in [head_dim, D0 + D1).
-    When the split would not be narrower than padding (or mode 0, or a power of two) -> (next_power_of_2, 0).
-    72 -> (64, 32) by default: 96 channels of dot work instead of 128 when padding."""
-    if mode is None:
-        mode = head_split_mode()
+def split_head_dim(head_dim: int, split: bool | None = None) -> tuple[int, int]:
+    """head_dim -> (D0, D1), the dot widths of the two parts of the head (D1 = 0: one part).
+
+    Padded (default): (next_power_of_2(head_dim), 0), the kernel masks channels >= head_dim. Split (``split`` or
+    FACM_EXT_ATTN_HEAD_SPLIT=1): D0 the largest power of two <= head_dim and D1 = head_dim - D0 when that is a power
+    of two >= 16 (80 -> (64, 16), 96 -> (64, 32)); other head dims stay padded (72 -> (128, 0)).
+    """
+    if split is None:
+        split = head_split_mode()
     padded = max(16, triton.next_power_of_2(head_dim))
     d0 = 1 << (head_dim.bit_length() - 1)
     rest = head_dim - d0
-    if mode == 0 or rest == 0:
-        return padded, 0
-    d1 = max(mode, triton.next_power_of_2(rest))
-    if d0 + d1 >= padded:
-        return padded, 0
-    return d0, d1
+    if split and rest >= 16 and rest == triton.next_power_of_2(rest):
+        return d0, rest
+    return padded, 0
 
 
 def head_dim_supported(head_dim: int) -> bool:
@@ -81,6 +84,17 @@ def _autotune_enabled() -> bool:
 
 # ------------------------------------------------------------------------------------------------------ forward JVP
 @triton.jit
+def _rows(head_ptr, base_ptr, head_offset, rows, row_stride, ALIGN8: tl.constexpr):
+    """[R, 1] pointers to rows ``rows`` of one (batch, head): head_ptr = base_ptr + head_offset. With ALIGN8 the
+    caller vouches that base_ptr is 16-byte aligned and head_offset and row_stride are multiples of 8 elements."""
+    if ALIGN8:
+        row_ptrs = base_ptr + tl.multiple_of(head_offset + rows[:, None] * row_stride, [8, 1])
+    else:
+        row_ptrs = head_ptr + rows[:, None] * row_stride
+    return row_ptrs
+
+
+@triton.jit
 def _attention_jvp_fwd_kernel(
     Q, K, V, TQ, TK, TV, O, TO, LSE, KEY_LENGTHS,
     stride_qb, stride_qh, stride_ql,
@@ -91,13 +105,19 @@ def _attention_jvp_fwd_kernel(
     stride_tvb, stride_tvh, stride_tvl,
     stride_ob, stride_oh, stride_ol,
     H, LQ, LK, HEAD_DIM, sm_scale,
-    D0: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, MASK_D0: tl.constexpr, STATIC_HEAD_DIM: tl.constexpr,
     HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
     HAS_SCORE_TANGENT: tl.constexpr, HAS_TANGENT: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, LQ_BUCKET: tl.constexpr, LK_BUCKET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, LQ_BUCKET: tl.constexpr, LK_BUCKET: tl.constexpr, ALIGN8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # LQ_BUCKET / LK_BUCKET (powers of two of the lengths) only key the autotuner's cache.
+    # ALIGN8 (opt-in, see _align_hints): every row offset is a multiple of 8 elements and head_dim is a compile-time
+    # constant, so rows of a 72-wide head load as 16-byte vectors (Triton only infers alignment from strides that
+    # are multiples of 16).
+    head_dim = HEAD_DIM
+    if ALIGN8:
+        head_dim = STATIC_HEAD_DIM
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -110,23 +130,33 @@ def _attention_jvp_fwd_kernel(
     # Row masks for loads of D0-wide tiles: with the head padded to D0 > HEAD_DIM the pad channels are masked too.
     q0_mask = row_ok[:, None]
     if MASK_D0:
-        d0_ok = offs_d0 < HEAD_DIM
+        d0_ok = offs_d0 < head_dim
         q0_mask = q0_mask & d0_ok[None, :]
 
-    q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql
+    if ALIGN8:
+        q_rows = Q + tl.multiple_of(b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql, [8, 1])
+    else:
+        q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql
+    k_head = b * stride_kb + h * stride_kh
+    v_head = b * stride_vb + h * stride_vh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     q0 = tl.load(q_rows + offs_d0[None, :], mask=q0_mask, other=0.0)
     if HAS_TQ:
-        tq_rows = TQ + b * stride_tqb + h * stride_tqh + offs_m[:, None] * stride_tql
+        if ALIGN8:
+            tq_rows = TQ + tl.multiple_of(b * stride_tqb + h * stride_tqh + offs_m[:, None] * stride_tql, [8, 1])
+        else:
+            tq_rows = TQ + b * stride_tqb + h * stride_tqh + offs_m[:, None] * stride_tql
         tq0 = tl.load(tq_rows + offs_d0[None, :], mask=q0_mask, other=0.0)
     if HAS_TK:
+        tk_head = b * stride_tkb + h * stride_tkh
         tk_base = TK + b * stride_tkb + h * stride_tkh
     if HAS_TV:
+        tv_head = b * stride_tvb + h * stride_tvh
         tv_base = TV + b * stride_tvb + h * stride_tvh
     if D1 > 0:
         offs_d1 = D0 + tl.arange(0, D1)
-        d1_ok = offs_d1 < HEAD_DIM
+        d1_ok = offs_d1 < head_dim  # all true for the exact splits split_head_dim returns; kept as a guard
         q1 = tl.load(q_rows + offs_d1[None, :], mask=row_ok[:, None] & d1_ok[None, :], other=0.0)
         if HAS_TQ:
             tq1 = tl.load(tq_rows + offs_d1[None, :], mask=row_ok[:, None] & d1_ok[None, :], other=0.0)
@@ -154,13 +184,15 @@ def _attention_jvp_fwd_kernel(
         kv0_mask = col_ok[:, None]
         if MASK_D0:
             kv0_mask = kv0_mask & d0_ok[None, :]
-        k0 = tl.load(k_base + cols[:, None] * stride_kl + offs_d0[None, :], mask=kv0_mask, other=0.0)
-        v0 = tl.load(v_base + cols[:, None] * stride_vl + offs_d0[None, :], mask=kv0_mask, other=0.0)
+        k_rows = _rows(k_base, K, k_head, cols, stride_kl, ALIGN8)
+        v_rows = _rows(v_base, V, v_head, cols, stride_vl, ALIGN8)
+        k0 = tl.load(k_rows + offs_d0[None, :], mask=kv0_mask, other=0.0)
+        v0 = tl.load(v_rows + offs_d0[None, :], mask=kv0_mask, other=0.0)
         s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
         if D1 > 0:
             kv1_mask = col_ok[:, None] & d1_ok[None, :]
-            k1 = tl.load(k_base + cols[:, None] * stride_kl + offs_d1[None, :], mask=kv1_mask, other=0.0)
-            v1 = tl.load(v_base + cols[:, None] * stride_vl + offs_d1[None, :], mask=kv1_mask, other=0.0)
+            k1 = tl.load(k_rows + offs_d1[None, :], mask=kv1_mask, other=0.0)
+            v1 = tl.load(v_rows + offs_d1[None, :], mask=kv1_mask, other=0.0)
             s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
         if HAS_SCORE_TANGENT:
             # Masked keys load as zeros, so their S' is exactly 0 (never inf * 0).
@@ -170,10 +202,11 @@ def _attention_jvp_fwd_kernel(
                 if D1 > 0:
                     st = tl.dot(tq1, tl.trans(k1), st, input_precision=DOT_PRECISION)
             if HAS_TK:
-                tk0 = tl.load(tk_base + cols[:, None] * stride_tkl + offs_d0[None, :], mask=kv0_mask, other=0.0)
+                tk_rows = _rows(tk_base, TK, tk_head, cols, stride_tkl, ALIGN8)
+                tk0 = tl.load(tk_rows + offs_d0[None, :], mask=kv0_mask, other=0.0)
                 st = tl.dot(q0, tl.trans(tk0), st, input_precision=DOT_PRECISION)
                 if D1 > 0:
-                    tk1 = tl.load(tk_base + cols[:, None] * stride_tkl + offs_d1[None, :], mask=kv1_mask, other=0.0)
+                    tk1 = tl.load(tk_rows + offs_d1[None, :], mask=kv1_mask, other=0.0)
                     st = tl.dot(q1, tl.trans(tk1), st, input_precision=DOT_PRECISION)
 
         s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))
@@ -198,18 +231,20 @@ def _attention_jvp_fwd_kernel(
                 if D1 > 0:
                     acc_t1 = tl.dot(p_st_lo, v1, acc_t1, input_precision=DOT_PRECISION)
             if HAS_TV:
-                tv0 = tl.load(tv_base + cols[:, None] * stride_tvl + offs_d0[None, :], mask=kv0_mask, other=0.0)
+                tv_rows = _rows(tv_base, TV, tv_head, cols, stride_tvl, ALIGN8)
+                tv0 = tl.load(tv_rows + offs_d0[None, :], mask=kv0_mask, other=0.0)
                 acc_t0 = tl.dot(p_lo, tv0, acc_t0, input_precision=DOT_PRECISION)
                 if D1 > 0:
-                    tv1 = tl.load(tv_base + cols[:, None] * stride_tvl + offs_d1[None, :], mask=kv1_mask, other=0.0)
+                    tv1 = tl.load(tv_rows + offs_d1[None, :], mask=kv1_mask, other=0.0)
                     acc_t1 = tl.dot(p_lo, tv1, acc_t1, input_precision=DOT_PRECISION)
         m_i = m_new
 
     # A row without any valid key (key length 0) has l = 0: its outputs are 0 and its lse is -inf.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     inv_l = 1.0 / l_safe
-    o_rows = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol
-    to_rows = TO + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol
+    o_head = b * stride_ob + h * stride_oh
+    o_rows = _rows(O + b * stride_ob + h * stride_oh, O, o_head, offs_m, stride_ol, ALIGN8)
+    to_rows = _rows(TO + b * stride_ob + h * stride_oh, TO, o_head, offs_m, stride_ol, ALIGN8)
     o0 = acc_o0 * inv_l[:, None]
     tl.store(o_rows + offs_d0[None, :], o0.to(O.dtype.element_ty), mask=q0_mask)
     if D1 > 0:
@@ -272,6 +307,15 @@ def _default_fwd_config(width: int) -> dict:
     return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 
 
+def _align_hints(*tensors) -> bool:
+    """FACM_EXT_ATTN_ALIGN_HINTS=1 (opt-in: not yet run on a GPU) and every tensor 16-byte aligned with batch, head
+    and row strides that are multiples of 8 elements: the kernel may then load 72-wide rows as 16-byte vectors."""
+    if os.environ.get("FACM_EXT_ATTN_ALIGN_HINTS", "0") != "1":
+        return False
+    live = [t for t in tensors if t is not None]
+    return all(t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:3]) for t in live)
+
+
 def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -320,6 +364,8 @@ def attention_jvp_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq:
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         LQ_BUCKET=0, LK_BUCKET=0,
     )
+    align8 = _align_hints(q, k, v, tq, tk, tv, o)
+    constexprs.update(ALIGN8=align8, STATIC_HEAD_DIM=head_dim if align8 else 0)
     if _autotune_enabled():
         constexprs.update(LQ_BUCKET=_bucket(len_q), LK_BUCKET=_bucket(len_k))
         grid = lambda meta: (triton.cdiv(len_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731

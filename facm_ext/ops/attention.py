@@ -3,13 +3,16 @@ for the primal output.
 
 Backends (``python -m facm_ext.info`` lists them):
 - forward, ``triton``: one Triton kernel computes O, O' and the log-sum-exp (facm_ext/kernels/attention_jvp_triton.py)
-  for fp16/bf16 CUDA tensors with 16 <= head_dim <= 128, head_dim % 8 == 0.
+  for fp16/bf16 CUDA tensors with 16 <= head_dim <= 128, head_dim % 8 == 0 (72 runs padded to 128 inside the kernel;
+  see the kernel module for why the 64 + 16 split is not used).
 - forward, ``reference``: explicit JVP formulas in fp32 (fp64 for fp64 inputs), chunked over queries so the score
   matrix never exists whole; used on CPU, for fp32/fp64, and for head dims the kernel does not take.
 - backward of O: PyTorch's fused flash-attention backward (``aten._scaled_dot_product_flash_attention_backward``)
   fed with our O and lse where it applies (CUDA fp16/bf16, head_dim % 8 == 0, <= 256, no key_lengths); else the
   Triton flash backward; else the chunked explicit backward. ``FACM_EXT_ATTN_BACKWARD=flash|cudnn|triton|reference``
-  forces one (cudnn: ``aten._scaled_dot_product_cudnn_attention_backward``, opt-in only).
+  forces one. cudnn (``aten._scaled_dot_product_cudnn_attention_backward`` with our lse as its [B, H, Lq, 1] stats)
+  ran at 1.03-1.06x SDPA's backward time on an H200 where flash took 1.8-2.1x, but its gradients have not been
+  checked on a GPU yet (python_tests/test_attention.py::test_gpu_backward[cudnn-...] does): opt-in until then.
 ``FACM_EXT_BACKEND=reference|triton`` forces the forward backend (triton with an unsupported case is a ValueError;
 with ``TRITON_INTERPRET=1`` the forced triton backend also runs CPU tensors, for the interpreter tests).
 """
@@ -34,11 +37,12 @@ _MATH_CHUNK_BYTES = 1 << 30
 _common.register_op_info(_common.OpInfo(
     name="attention_jvp",
     backends={
-        "triton": "CUDA fp16/bf16, 16 <= head_dim <= 128, head_dim % 8 == 0 (72/80/96 split as 64+16/64+16/64+32)",
+        "triton": "CUDA fp16/bf16, 16 <= head_dim <= 128, head_dim % 8 == 0 (non-powers of two padded in-kernel)",
         "reference": "CPU, fp32/fp64, other head dims: explicit JVP formulas in fp32, chunked over queries",
     },
     notes="backward of O: aten flash backward with our lse (CUDA fp16/bf16, head_dim%8==0, no key_lengths), "
-          "else Triton flash backward, else chunked explicit backward",
+          "else Triton flash backward, else chunked explicit backward; FACM_EXT_ATTN_BACKWARD=cudnn opts into "
+          "cuDNN's backward",
 ))
 
 
