@@ -73,7 +73,8 @@ ELEMENTWISE_CASES = {
     + torch.stack([x, y], dim=0).sum(0).sum(-1),
     "pad": lambda x, y: F.pad(x, (1, 2), value=3.0)[..., 1:-2] * y + F.pad(y, (1, 1), mode="reflect")[..., 1:-1],
     "conv": lambda x, y: F.conv1d(x, torch.ones(4, 3, 2, dtype=F64) * 0.3, torch.ones(4, dtype=F64), stride=2)
-    + F.conv1d(y, torch.ones(4, 3, 2, dtype=F64), padding=1)[..., :2] + F.conv1d(x, y[:1, :, :2].expand(4, 3, 2))[..., :2],
+    + F.conv1d(y, torch.ones(4, 3, 2, dtype=F64), padding=1)[..., :2]
+    + F.conv1d(x, y[:1, :, :2].expand(4, 3, 2))[..., :2],
     "casts": lambda x, y: x.float().double() * y.to(torch.float32).to(F64) + x.type_as(y),
     "complex": lambda x, y: torch.view_as_real(torch.view_as_complex(torch.stack([x, y], -1).contiguous())
                                                * torch.polar(torch.ones_like(x), y)).sum(-1),

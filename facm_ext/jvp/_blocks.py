@@ -14,9 +14,9 @@ about a dozen elementwise kernels for primal and tangent); attn and mlp go throu
 
 The block's forward is Python code the structure check cannot read, so the first call with a tangent verifies the
 fused form against the block's own forward under the transform, on the first sample of the real arguments, with
-autocast off: both primal and tangent must agree to fp32/fp64 accuracy. Blocks whose parameters are not fp32/fp64
-cannot be verified that precisely and are never fused this way (their ops still are, one by one). A failed check
-is recorded in the report and the block keeps its own forward.
+autocast off: both primal and tangent must agree to 1e-3 (fp32) or 1e-9 (fp64) relative. Blocks whose
+parameters are not fp32/fp64 cannot be verified that precisely and are never fused this way (their ops still are,
+one by one). A failed check is recorded in the report and the block keeps its own forward.
 """
 
 from __future__ import annotations
@@ -164,7 +164,9 @@ def _verify(block: nn.Module, args: tuple, norms) -> tuple[bool, Optional[str]]:
     fused_p, fused_t = split_dual(fused)
     if not (isinstance(ref_p, torch.Tensor) and isinstance(fused_p, torch.Tensor)) or ref_p.shape != fused_p.shape:
         return False, "fused form does not reproduce the block's output structure"
-    tol = 1e-9 if ref_p.dtype == torch.float64 else 1e-4
+    # fp32: 1e-3 leaves room for TF32-class kernels inside attn/mlp (identical in both forms, but fed inputs that
+    # differ in the last bits); any structural difference (a missing gate, another modulation) is O(1).
+    tol = 1e-9 if ref_p.dtype == torch.float64 else 1e-3
     for name, a, b in (("primal", fused_p, ref_p), ("tangent", fused_t, ref_t)):
         a = torch.zeros_like(ref_p) if a is None else a
         b = torch.zeros_like(ref_p) if b is None else b

@@ -447,7 +447,7 @@ def fallback(func, args: tuple, kwargs: dict, *, tangent_context: Optional[Calla
         elif kind == "pow":
             if first_dual and len(args) == 2 and type(args[1]) in (int, float) and not kwargs:
                 x, exponent = args
-                tangents_flat = [exponent * x.pow(exponent - 1) * x._facm_tangent]
+                tangents_flat = [None if exponent == 0 else exponent * x.pow(exponent - 1) * x._facm_tangent]
         elif kind == "unary":
             if first_dual and len(args) == 1 and not kwargs:
                 x = args[0]
