@@ -611,7 +611,9 @@ def format_results(results: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------- main
-def main(argv=None) -> dict | None:
+def run(argv=None) -> dict | None:
+    """Train and evaluate as the CLI does; returns the results (rank 0; None elsewhere or with --no-eval).
+    Bad configurations raise ValueError naming the flag; unusable checkpoints raise CheckpointError."""
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
     dist = init_distributed(device)
@@ -639,6 +641,16 @@ def main(argv=None) -> dict | None:
     finally:
         if dist.enabled:
             torch.distributed.destroy_process_group()
+
+
+def main(argv=None) -> None:
+    """Console entry point: like :func:`run`, with configuration and checkpoint errors reported as one line
+    (exit status 2) instead of a traceback."""
+    try:
+        run(argv)
+    except (ValueError, ckpt.CheckpointError) as err:
+        print(f"facm-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

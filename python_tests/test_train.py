@@ -22,7 +22,7 @@ TINY = ["--hidden-size", "32", "--depth", "2", "--num-heads", "2", "--batch", "8
 
 
 def run(tmp: Path, *extra) -> dict | None:
-    return train.main(["--output-dir", str(tmp), *TINY, *extra])
+    return train.run(["--output-dir", str(tmp), *TINY, *extra])
 
 
 def test_default_run_end_to_end(tmp_path):
@@ -203,6 +203,14 @@ def test_unknown_flag_exits_with_usage(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path, "--no-such-flag")
     assert "usage" in capsys.readouterr().err
+
+
+def test_console_entry_point_reports_errors_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--output-dir", str(tmp_path), "--num-heads", "3"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("facm-train: error: --num-heads") and "Traceback" not in err
 
 
 def test_png_encoding_round_trip():
