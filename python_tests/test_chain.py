@@ -184,6 +184,30 @@ def test_call_errors():
         bad(x, x, c, model.feat_rope)
 
 
+def test_suspended_fsdp_hooks_come_back_in_order():
+    """While the chain runs a unit's forward, FSDP's forward hooks are off; afterwards they are back at their
+    positions (FSDP's pre-hook first), other hooks untouched."""
+    from types import SimpleNamespace
+
+    from facm_ext.chain._units import Fsdp2Unit
+
+    module = nn.Linear(2, 2)
+    user_pre = module.register_forward_pre_hook(lambda m, a: None)
+    fsdp_pre = module.register_forward_pre_hook(lambda m, a, k: None, prepend=True, with_kwargs=True)
+    fsdp_post = module.register_forward_hook(lambda m, a, o: None)
+    unit = Fsdp2Unit.__new__(Fsdp2Unit)
+    unit.module = module
+    unit.state = SimpleNamespace(_pre_forward_hook_handle=fsdp_pre, _post_forward_hook_handle=fsdp_post)
+    before = (list(module._forward_pre_hooks), list(module._forward_pre_hooks_with_kwargs),
+              list(module._forward_hooks))
+    assert before[0] == [fsdp_pre.id, user_pre.id]
+    with unit.hooks_suspended():
+        assert list(module._forward_pre_hooks) == [user_pre.id]
+        assert fsdp_pre.id not in module._forward_pre_hooks_with_kwargs and not module._forward_hooks
+    assert (list(module._forward_pre_hooks), list(module._forward_pre_hooks_with_kwargs),
+            list(module._forward_hooks)) == before
+
+
 # ------------------------------------------------------------------------------- 2 processes (gloo or NCCL)
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -121,10 +121,6 @@ class Fsdp2Unit:
     def groups(self) -> list:
         return param_groups(self.state)
 
-    @property
-    def mp_policy(self):
-        return getattr(self.state, "_mp_policy", None)
-
     def is_lazy_initialized(self) -> bool:
         return getattr(self.state, "_is_root", None) is not None
 
@@ -174,22 +170,33 @@ class Fsdp2Unit:
     @contextlib.contextmanager
     def hooks_suspended(self) -> Iterator[None]:
         """FSDP's forward hooks off for this unit while the chain runs its forward (the chain ran them itself)."""
-        removed = []
+        hook_ids = set()
         for handle_name in ("_pre_forward_hook_handle", "_post_forward_hook_handle"):
-            handle = getattr(self.state, handle_name, None)
-            hook_id = getattr(handle, "id", None)
-            if hook_id is None:
-                continue
-            for dict_name in ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
-                              "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
-                hooks = getattr(self.module, dict_name, None)
-                if hooks is not None and hook_id in hooks:
-                    removed.append((hooks, hook_id, hooks.pop(hook_id)))
+            hook_id = getattr(getattr(self.state, handle_name, None), "id", None)
+            if hook_id is not None:
+                hook_ids.add(hook_id)
+        snapshots = []
+        for dict_name in ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs",
+                          "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+            hooks = getattr(self.module, dict_name, None)
+            if hooks is not None and hook_ids.intersection(hooks):
+                snapshots.append((hooks, list(hooks.items())))
+                for hook_id in hook_ids.intersection(hooks):
+                    del hooks[hook_id]
         try:
             yield
         finally:
-            for hooks, hook_id, value in reversed(removed):
-                hooks[hook_id] = value
+            # Put FSDP's hooks back at their positions (its pre-hook runs first), keeping hooks the step added
+            # and not resurrecting any it removed.
+            for hooks, before in snapshots:
+                current = dict(hooks)
+                hooks.clear()
+                for hook_id, value in before:
+                    if hook_id in hook_ids or hook_id in current:
+                        hooks[hook_id] = current.get(hook_id, value)
+                for hook_id, value in current.items():
+                    if hook_id not in hooks:
+                        hooks[hook_id] = value
 
     def abort(self) -> None:
         """After an exception: finish any in-flight all-gather, reshard, and reset the forward state to IDLE."""
