@@ -663,3 +663,21 @@ def test_random_ops_share_the_draw_between_primal_and_tangent():
     assert torch.equal(after_ours, after_ref), "the generator must advance exactly as one plain call"
     with pytest.raises(JVPTransformError, match="random"):
         facm_ext.jvp(lambda x: F.dropout(x * 1, p=0.5, training=True, inplace=True), (x,), (tx,))
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "module.compile"])
+def test_compiled_modules_run_eagerly_under_the_transform(how):
+    net = _randomize(Net()).double()
+    x, s, tx = randn(2, 3, 12), torch.ones(1, dtype=F64), randn(2, 3, 12)
+    ref, tref = reference_jvp(lambda x: net(x, s), (x,), (tx,))
+    if how == "torch.compile":
+        model = torch.compile(net, backend="eager")
+    else:
+        model = _randomize(Net()).double()
+        model.load_state_dict(net.state_dict())
+        model.compile(backend="eager")
+    out, tout, report = facm_ext.jvp(model, (x, s), (tx, None), report=True)
+    assert_rel_close(out, ref, F64, what="primal")
+    assert_rel_close(tout, tref, F64, what="tangent")
+    assert any("run eagerly" in r for rs in report.reasons.values() for r in rs), str(report)
+    torch.testing.assert_close(model(x, s), ref)  # the compiled module still works outside the transform

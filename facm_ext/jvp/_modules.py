@@ -180,6 +180,20 @@ def intercept_module_call(module: nn.Module, args: tuple, kwargs: dict):
         out = pattern(module, args, kwargs)
         if out is not NotImplemented:
             return out
+    return _eager_call(module, args, kwargs)
+
+
+def _eager_call(module: nn.Module, args: tuple, kwargs: dict):
+    """The module's normal call (hooks included), but never through torch.compile: dynamo cannot trace dual
+    values, so a compiled module (``torch.compile(module)`` or ``module.compile()``) runs its original module
+    eagerly under the transform, its submodules and functions intercepted as usual."""
+    original = getattr(module, "_orig_mod", None)
+    if original is not None and type(module).__name__ == "OptimizedModule":
+        record_fallback(f"{type(original).__name__} (torch.compile'd module)", "run eagerly under the transform")
+        return original(*args, **kwargs)
+    if getattr(module, "_compiled_call_impl", None) is not None:
+        record_fallback(f"{type(module).__name__} (module.compile())", "run eagerly under the transform")
+        return module._call_impl(*args, **kwargs)
     return _saved_call(module, *args, **kwargs)
 
 
