@@ -25,7 +25,8 @@ supported.
 torch.compile: the transform is excluded from dynamo tracing (like ``torch.compiler.disable``): inside a compiled
 function, a call of facm_ext.jvp is a graph break and runs eagerly, the fused ops being the compiled kernels of
 facm_ext.ops; ``fullgraph=True`` around a facm_ext.jvp call therefore fails. Compile the surrounding step (loss,
-optimizer) instead, or the model's non-JVP forwards.
+optimizer) instead, or the model's non-JVP forwards. A compiled module called inside the transform
+(``torch.compile(model)``, ``model.compile()``) runs its original module eagerly, with a note in the report.
 
 For the chain runtime: :func:`make_dual`, :func:`split_dual`, :func:`register_module_call_handler`,
 :func:`is_active`. Once FSDP2 is imported, the first call imports facm_ext.chain, which registers its FSDP2
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import sys
 import types
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Union
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
