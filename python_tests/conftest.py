@@ -19,7 +19,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / max(||ref||, tiny), computed in float64; NaN anywhere gives inf."""
-    out64, ref64 = out.detach().double(), ref.detach().double()
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
     if not torch.isfinite(out64).all():
         return float("inf")
     denom = ref64.norm().item()
