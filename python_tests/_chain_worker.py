@@ -556,6 +556,9 @@ def main() -> None:
     if backend == "nccl":
         DEVICE = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(DEVICE)
+        # fp32 scenarios compare at fp32 accuracy; TF32 convolutions (cuDNN's default) would not be.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     dist.init_process_group(backend)
     rank = dist.get_rank()
     results = {}
