@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from facm_ext import facm
+from conftest import requires_cuda
 
 NUM_CLASSES = 5
 NULL = NUM_CLASSES
@@ -318,3 +319,67 @@ def test_samplers_reject_bad_inputs():
         facm.sample(net, torch.randn(2, 1, 3, 3), torch.tensor([0, 1]), steps=0)
     with pytest.raises(ValueError, match="y: expected"):
         facm.sample_flow(net, torch.randn(2, 1, 3, 3), torch.tensor([0, 1, 2]), steps=2)
+
+
+def test_facm_loss_with_fused_jvp_on_lightningdit_matches_transcription():
+    """The default path: facm_ext.jvp through an unmodified LightningDiT, against the float64 transcription with
+    torch.func.jvp (math attention)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import facm_ext.jvp as fused
+    from facm_ext.models import LightningDiT
+
+    torch.manual_seed(0)
+    cfg = dict(input_size=4, patch_size=1, in_channels=3, hidden_size=32, depth=2, num_heads=2,
+               num_classes=NUM_CLASSES)
+    model, teacher = LightningDiT(**cfg).double(), LightningDiT(**cfg).double()
+    with torch.no_grad():  # adaLN-Zero would make both networks output zeros
+        for p in list(model.parameters()) + list(teacher.parameters()):
+            p.normal_(0, 0.3)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    noise = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, NUM_CLASSES, (6,), generator=g)
+    t = torch.tensor([0.05, 0.125, 0.3, 0.6, 0.9, 1.0], dtype=torch.float64)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = transcribed_facm(model, teacher, x, y, t, noise)
+        ref_grads = _grads(model, ref["loss"])
+    out = facm.facm_loss(model, x, y, t=t, noise=noise, teacher=teacher, null_class=NULL, jvp_fn=fused.jvp)
+    for key in ("loss", "cm", "fm"):
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-9, atol=1e-12, msg=key)
+    for got, want in zip(_grads(model, out["loss"]), ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-11)
+
+
+@requires_cuda
+def test_facm_loss_bf16_autocast_on_gpu_fused_vs_official_path():
+    """GPU, LightningDiT (head_dim 72 as XL), fp32 weights + bf16 autocast as FACM trains: the fused path
+    (facm_ext.jvp) against the official path (torch.func.jvp, math attention) on the same inputs."""
+    import facm_ext.jvp as fused
+    from facm_ext.models import LightningDiT
+
+    torch.manual_seed(0)
+    model = LightningDiT(input_size=8, in_channels=4, hidden_size=144, depth=3, num_heads=2,
+                         num_classes=NUM_CLASSES).cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.05)
+    teacher = LightningDiT(input_size=8, in_channels=4, hidden_size=144, depth=3, num_heads=2,
+                           num_classes=NUM_CLASSES).cuda()
+    teacher.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x, noise = (torch.randn(16, 4, 8, 8, generator=g).cuda() for _ in range(2))
+    y = torch.randint(0, NUM_CLASSES, (16,), generator=g).cuda()
+    t = facm.sample_t(16, generator=g).cuda()
+    results = []
+    for jvp_fn in (facm.torch_func_jvp, fused.jvp):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = facm.facm_loss(model, x, y, t=t, noise=noise, teacher=teacher, null_class=NULL, jvp_fn=jvp_fn)
+        grads = torch.cat([g.flatten() for g in _grads(model, out["loss"])])
+        results.append((out, grads))
+    (ref, ref_grads), (got, got_grads) = results
+    for key in ("loss", "cm", "fm"):
+        assert abs(got[key].item() - ref[key].item()) <= 3e-2 * abs(ref[key].item()) + 1e-6, key
+    cosine = torch.nn.functional.cosine_similarity(got_grads.double(), ref_grads.double(), dim=0).item()
+    assert cosine > 0.99, cosine

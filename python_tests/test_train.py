@@ -3,6 +3,7 @@ checkpoint integrity, official-weight loading, bad configurations, and the PNG /
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import requires_cuda
 from facm_ext.facm import checkpoint as ckpt
 from facm_ext.facm import digits
 from facm_ext.facm.png import encode_png, image_grid
@@ -279,3 +281,10 @@ def test_torchrun_fsdp2_matches_single_process(tmp_path):
     frozen = [k for k in after if k not in ("pos_embed",) and not k.startswith("feat_rope.")
               and torch.equal(before[k], after[k])]
     assert not frozen, f"parameters that did not move in the FACM steps: {frozen}"
+
+
+@requires_cuda
+def test_gpu_run_bf16(tmp_path):
+    results = run(tmp_path, "--device", "cuda", "--precision", "bf16", "--stage1-steps", "3", "--facm-steps", "2")
+    assert [r["nfe"] for r in results["rows"]][-2:] == [1, 2]
+    assert all(math.isfinite(r["fd"]) for r in results["rows"])
