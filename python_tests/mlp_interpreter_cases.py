@@ -120,10 +120,13 @@ def test_interpreter_mlp_backward_uses_kernel_pre_activation(dtype, activation, 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ["none", "gelu_tanh", "swiglu"])
-def test_interpreter_dual_gemm_store_pre(dtype, activation):
+@pytest.mark.parametrize("loader", ["tma", "pointer"])
+def test_interpreter_dual_gemm_store_pre(dtype, activation, loader, monkeypatch):
     from facm_ext.kernels.mlp_jvp_triton import dual_gemm
 
-    m, k, n_w = 41, 50, 46
+    monkeypatch.setenv("FACM_EXT_DUAL_GEMM", loader)
+
+    m, k, n_w = 41, 56, 46  # K * 2 bytes is a multiple of 16: fp16 qualifies for TMA
     x, tx = _rand(m, k, dtype=dtype), _rand(m, k, dtype=dtype)
     w, b = _rand(n_w, k, dtype=dtype, scale=k ** -0.5), _rand(n_w, dtype=dtype)
     out, tout, pre = dual_gemm(x, tx, w, b, activation=activation, store_pre=True)
@@ -162,7 +165,8 @@ def test_interpreter_act_jvp_pass(dtype, activation, tangent):
 @pytest.mark.parametrize("activation", ["none", "gelu_tanh", "swiglu"])
 @pytest.mark.parametrize("tangent", [True, False])
 def test_interpreter_dual_gemm_tma_descriptors(activation, tangent, monkeypatch):
-    """FACM_EXT_DUAL_GEMM=tma (fp16: descriptors need 16-bit types): rows, columns and K tails out of bounds."""
+    """FACM_EXT_DUAL_GEMM=tma (the default; fp16: descriptors need 16-bit types): rows, columns and K tails out of
+    bounds."""
     from facm_ext.kernels import mlp_jvp_triton as kernels
 
     monkeypatch.setenv("FACM_EXT_DUAL_GEMM", "tma")

@@ -196,15 +196,15 @@ GPU_SHAPES = [((37,), 72, 1152), ((2, 19), 1152, 72), ((5, 7), 100, 333), ((3,),
 
 
 def _set_backend(backend, monkeypatch):
-    """default | triton (the dual GEMM, pointer loads) | triton_tma (the dual GEMM with TMA descriptor loads)."""
+    """default (cuBLAS) | triton (the dual GEMM, TMA loads where allowed) | triton_pointer (pointer loads)."""
     if backend != "default":
         monkeypatch.setenv("FACM_EXT_BACKEND", "triton")
-    if backend == "triton_tma":
-        monkeypatch.setenv("FACM_EXT_DUAL_GEMM", "tma")
+    if backend == "triton_pointer":
+        monkeypatch.setenv("FACM_EXT_DUAL_GEMM", "pointer")
 
 
 @requires_cuda
-@pytest.mark.parametrize("backend", ["default", "triton", "triton_tma"])
+@pytest.mark.parametrize("backend", ["default", "triton", "triton_pointer"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("lead,k,n", GPU_SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
@@ -224,7 +224,7 @@ def test_gpu_matches_jvp(backend, dtype, lead, k, n, bias, monkeypatch):
 
 
 @requires_cuda
-@pytest.mark.parametrize("backend", ["default", "triton", "triton_tma"])
+@pytest.mark.parametrize("backend", ["default", "triton", "triton_pointer"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_noncontiguous_and_none_tangent(backend, dtype, monkeypatch):
     _set_backend(backend, monkeypatch)
@@ -239,7 +239,7 @@ def test_gpu_noncontiguous_and_none_tangent(backend, dtype, monkeypatch):
 
 
 @requires_cuda
-@pytest.mark.parametrize("backend", ["default", "triton", "triton_tma"])
+@pytest.mark.parametrize("backend", ["default", "triton", "triton_pointer"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_primal_gradients(backend, dtype, monkeypatch):
     _set_backend(backend, monkeypatch)

@@ -282,12 +282,13 @@ def test_gpu_torch_compile_fullgraph(activation):
 
 
 # FACM_EXT_BACKEND=triton: the down-projection on the dual GEMM too; FACM_EXT_MLP_UP=cublas: cuBLAS up-projection
-# followed by the separate Triton activation-JVP pass; FACM_EXT_DUAL_GEMM=tma: TMA descriptor loads where allowed.
+# followed by the separate Triton activation-JVP pass; FACM_EXT_DUAL_GEMM=pointer: pointer loads instead of the
+# default TMA descriptors.
 GPU_VARIANTS = {
     "triton_down": [("FACM_EXT_BACKEND", "triton")],
     "cublas_up": [("FACM_EXT_MLP_UP", "cublas")],
-    "tma": [("FACM_EXT_DUAL_GEMM", "tma")],
-    "tma_triton_down": [("FACM_EXT_DUAL_GEMM", "tma"), ("FACM_EXT_BACKEND", "triton")],
+    "pointer": [("FACM_EXT_DUAL_GEMM", "pointer")],
+    "pointer_triton_down": [("FACM_EXT_DUAL_GEMM", "pointer"), ("FACM_EXT_BACKEND", "triton")],
 }
 
 

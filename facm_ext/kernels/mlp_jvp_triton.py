@@ -9,6 +9,9 @@ The epilogue therefore holds the pre-activation h and its tangent h' together an
 directly; the pre-activation never makes a round trip through memory (it is written only when the primal backward
 needs it, exactly what a plain forward's autograd would save).
 
+Two loaders (see :func:`loader`): TMA tensor descriptors (default where the operands qualify; out-of-bounds tiles
+arrive zero-filled) and plain pointer loads (any strides, fp32 for the interpreter tests).
+
 Epilogue math (fp32; jvp_math.md):
 - gelu_tanh: u = k (h + c h^3), t = tanh u; act = 0.5 h (1 + t); act' = 0.5 (1 + t) + 0.5 h (1 - t^2) k (1 + 3 c h^2)
 - swiglu (h = [a | b] split in halves of the fused weight's rows): s = sigmoid(a);
@@ -284,9 +287,13 @@ _dual_gemm_tma_4acc = triton.autotune(configs=_configs(True, _set_tma_block_shap
 
 
 def loader() -> str:
-    """FACM_EXT_DUAL_GEMM: 'pointer' (default; pointer loads, any strides) or 'tma' (TMA tensor descriptors where
-    the operands allow them: fp16/bf16, unit last stride, 16-byte aligned base and row stride; else pointer)."""
-    value = os.environ.get("FACM_EXT_DUAL_GEMM", "pointer").strip().lower() or "pointer"
+    """FACM_EXT_DUAL_GEMM: 'tma' (default: TMA tensor descriptors where the operands allow them -- fp16/bf16, unit
+    last stride, 16-byte aligned base and row stride -- else pointer loads) or 'pointer' (pointer loads always).
+
+    Measured on one H200 (torch 2.11, Triton 3.6, bf16): TMA loads made the dual GEMM 1.10-1.23x faster than
+    pointer loads (M=16384, 1152->6144: 0.80 vs 0.88 ms; M=32760, 5120->13824: 14.0 vs 17.2 ms; 13824->5120: 14.6
+    vs 16.6 ms) and mlp_jvp 1.03-1.07x faster."""
+    value = os.environ.get("FACM_EXT_DUAL_GEMM", "tma").strip().lower() or "tma"
     if value not in ("pointer", "tma"):
         raise ValueError(f"FACM_EXT_DUAL_GEMM: expected 'pointer' or 'tma', got {value!r}")
     return value

@@ -6,7 +6,7 @@ Backends (chosen at run time inside the custom op ``torch.ops.facm_ext.linear_jv
   the primal epilogue only, and primal and tangent are written to two separate outputs (no concatenation, no split
   copies).
 - ``reference`` (default, and CPU, fp32/fp64): two ``F.linear`` calls. On CUDA that is two cuBLAS GEMMs, which
-  measured 1.2-1.4x faster than the Triton dual GEMM on an H200 at the LightningDiT and Wan shapes (see
+  measured 1.05-1.24x faster than the Triton dual GEMM on an H200 at the LightningDiT and Wan shapes (see
   LINEAR_DUAL_GEMM_BY_DEFAULT); reading W twice costs little next to the GEMMs. fp32 on CUDA stays on cuBLAS in any
   case because a Triton fp32 dot is either TF32 (not fp32-accurate) or slow.
 
@@ -41,9 +41,10 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16)
 
 
 # Measured on one H200 (torch 2.11, Triton 3.6, bf16, benchmarks/test_bench_linear.py): two cuBLAS GEMMs beat the
-# Triton dual GEMM by 1.2-1.4x at the LightningDiT and Wan MLP shapes (e.g. 0.70 vs 0.90 ms at M=16384,
-# 1152->6144; 12.9 vs 17.7 ms at M=32760, 13824->5120), so the plain linear JVP uses cuBLAS by default and the dual
-# GEMM only when FACM_EXT_BACKEND=triton. The dual GEMM's epilogue is what mlp_jvp fuses the activation into.
+# Triton dual GEMM at the LightningDiT and Wan MLP shapes -- by 1.05-1.24x with TMA loads (0.64 vs 0.80 ms at
+# M=16384, 1152->6144; 13.4 vs 14.0 ms at M=32760, 5120->13824; 12.9 vs 14.6 ms at 13824->5120) and 1.24-1.37x
+# with pointer loads -- so the plain linear JVP uses cuBLAS by default and the dual GEMM only when
+# FACM_EXT_BACKEND=triton. The dual GEMM's epilogue is what mlp_jvp fuses the activation into.
 LINEAR_DUAL_GEMM_BY_DEFAULT = False
 
 
@@ -139,11 +140,15 @@ def _(x, tx, weight, bias):
 def _setup_context(ctx, inputs, output):
     x, _, weight, bias = inputs
     ctx.mark_non_differentiable(output[1])
+    # The tangent output never receives a gradient: do not allocate a zero tensor for it.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight)
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_y, _grad_ty):
+    if grad_y is None:
+        return None, None, None, None
     x, weight = ctx.saved_tensors
     need_x, _, need_w, need_b = ctx.needs_input_grad
     grad_2d = grad_y.reshape(-1, grad_y.shape[-1])
