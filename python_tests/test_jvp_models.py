@@ -51,9 +51,11 @@ MODELS = {"lightningdit": tiny_lightningdit, "dit": tiny_dit, "wan": tiny_wan}
 
 # Ops each model must run fused once all facm_ext.ops exist (report keys contain these op names).
 EXPECTED_FUSED = {
-    "lightningdit": ("linear_jvp", "attention_jvp", "mlp_jvp", "rms_norm_jvp", "silu_jvp"),
-    "dit": ("linear_jvp", "attention_jvp", "mlp_jvp", "layer_norm_jvp", "silu_jvp"),
-    "wan": ("linear_jvp", "attention_jvp", "mlp_jvp", "layer_norm_jvp", "rms_norm_jvp", "silu_jvp"),
+    "lightningdit": ("linear_jvp", "attention_jvp", "mlp_jvp", "rms_norm_jvp", "silu_jvp", "rope_jvp", "adaln_jvp",
+                     "gated_residual_jvp"),
+    "dit": ("linear_jvp", "attention_jvp", "mlp_jvp", "layer_norm_jvp", "silu_jvp", "adaln_jvp",
+            "gated_residual_jvp"),
+    "wan": ("linear_jvp", "attention_jvp", "mlp_jvp", "layer_norm_jvp", "rms_norm_jvp", "silu_jvp", "rope_jvp"),
 }
 
 
