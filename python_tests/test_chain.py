@@ -208,6 +208,25 @@ def test_suspended_fsdp_hooks_come_back_in_order():
             list(module._forward_hooks)) == before
 
 
+def test_transform_registers_the_fsdp2_handler_by_itself():
+    """The unchanged call needs no import of facm_ext.chain: once FSDP2 is loaded, facm_ext.jvp's first call
+    imports it, which registers the handler (checked in a fresh interpreter)."""
+    code = (
+        "import sys, torch\n"
+        "import torch.distributed.fsdp\n"
+        "import facm_ext\n"
+        "assert 'facm_ext.chain' not in sys.modules\n"
+        "facm_ext.jvp(lambda a: a.sin(), (torch.ones(2),), (torch.ones(2),))\n"
+        "assert 'facm_ext.chain' in sys.modules, 'facm_ext.jvp did not import facm_ext.chain'\n"
+        "from facm_ext.jvp import _modules\n"
+        "from facm_ext.chain import fsdp2_module_call\n"
+        "assert [h for _, h in _modules._HANDLERS].count(fsdp2_module_call) == 1, _modules._HANDLERS\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=WORKER.parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------------- 2 processes (gloo or NCCL)
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
