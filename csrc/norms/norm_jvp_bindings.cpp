@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "norm_jvp.h"
+#include "common/format.h"
 
 namespace facm_ext::norms {
 namespace {
@@ -32,9 +33,9 @@ Operand3d operand(const std::optional<at::Tensor>& t, const char* name, const at
   TORCH_CHECK(t->is_cuda() && t->device() == x.device(), "norm_modulate_jvp_cuda: ", name,
               " must be on the device of x (", x.device(), "), got ", t->device());
   TORCH_CHECK(t->dim() == 3 && t->sizes() == x.sizes(), "norm_modulate_jvp_cuda: ", name,
-              " must have the shape of x ", x.sizes(), " (expand broadcast modulation first), got ", t->sizes());
+              " must have the shape of x ", facm_ext::dims_str(x.sizes()), " (expand broadcast modulation first), got ", facm_ext::dims_str(t->sizes()));
   TORCH_CHECK(t->size(2) <= 1 || t->stride(2) == 1, "norm_modulate_jvp_cuda: ", name,
-              " must be contiguous in its last dim, got strides ", t->strides());
+              " must be contiguous in its last dim, got strides ", facm_ext::dims_str(t->strides()));
   Operand3d op;
   op.data = t->data_ptr();
   op.stride_b = t->size(0) == 1 ? 0 : t->stride(0);
@@ -48,7 +49,7 @@ const float* channel_vector(const std::optional<at::Tensor>& t, const char* name
               " must be on the device of x (", x.device(), "), got ", t->device());
   TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(2) && t->is_contiguous() && t->scalar_type() == at::kFloat,
               "norm_modulate_jvp_cuda: ", name, " must be a contiguous float32 tensor of shape [", x.size(2),
-              "], got ", t->scalar_type(), " ", t->sizes());
+              "], got ", t->scalar_type(), " ", facm_ext::dims_str(t->sizes()));
   return t->data_ptr<float>();
 }
 
@@ -58,10 +59,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_modulate_jvp_cud
     const std::optional<at::Tensor>& tshift, const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& tscale, int64_t norm, double eps) {
   TORCH_CHECK(x.is_cuda(), "norm_modulate_jvp_cuda: x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 3, "norm_modulate_jvp_cuda: x must be [B, L, C], got ", x.sizes());
-  TORCH_CHECK(x.size(2) >= 1, "norm_modulate_jvp_cuda: x must have at least one channel, got ", x.sizes());
+  TORCH_CHECK(x.dim() == 3, "norm_modulate_jvp_cuda: x must be [B, L, C], got ", facm_ext::dims_str(x.sizes()));
+  TORCH_CHECK(x.size(2) >= 1, "norm_modulate_jvp_cuda: x must have at least one channel, got ", facm_ext::dims_str(x.sizes()));
   TORCH_CHECK(x.size(2) <= 1 || x.stride(2) == 1,
-              "norm_modulate_jvp_cuda: x must be contiguous in its last dim, got strides ", x.strides());
+              "norm_modulate_jvp_cuda: x must be contiguous in its last dim, got strides ", facm_ext::dims_str(x.strides()));
   TORCH_CHECK(norm >= 0 && norm <= 2, "norm_modulate_jvp_cuda: norm must be 0 (none), 1 (layer) or 2 (rms), got ",
               norm);
   TORCH_CHECK(eps >= 0.0, "norm_modulate_jvp_cuda: eps must be >= 0, got ", eps);

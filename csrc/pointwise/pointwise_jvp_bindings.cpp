@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "pointwise_jvp.h"
+#include "common/format.h"
 
 namespace facm_ext::pointwise {
 namespace {
@@ -85,8 +86,8 @@ void check_tangent(const std::optional<at::Tensor>& tangent, const at::Tensor& p
                    const char* name) {
   if (!tangent.has_value()) return;
   check_input(*tangent, op, name, primal);
-  TORCH_CHECK(tangent->sizes() == primal.sizes(), op, ": ", name, " has shape ", tangent->sizes(),
-              ", expected its primal's shape ", primal.sizes());
+  TORCH_CHECK(tangent->sizes() == primal.sizes(), op, ": ", name, " has shape ", facm_ext::dims_str(tangent->sizes()),
+              ", expected its primal's shape ", facm_ext::dims_str(primal.sizes()));
   TORCH_CHECK(tangent->scalar_type() == primal.scalar_type(), op, ": ", name, " has dtype ",
               tangent->scalar_type(), ", expected its primal's dtype ", primal.scalar_type());
 }
@@ -141,7 +142,7 @@ TensorPair swiglu_jvp_cuda(const at::Tensor& a, const std::optional<at::Tensor>&
   constexpr const char* kOp = "swiglu_jvp_cuda";
   check_input(a, kOp, "a", a);
   check_input(b, kOp, "b", a);
-  TORCH_CHECK(b.sizes() == a.sizes(), kOp, ": b has shape ", b.sizes(), ", expected a's shape ", a.sizes());
+  TORCH_CHECK(b.sizes() == a.sizes(), kOp, ": b has shape ", facm_ext::dims_str(b.sizes()), ", expected a's shape ", facm_ext::dims_str(a.sizes()));
   TORCH_CHECK(b.scalar_type() == a.scalar_type(), kOp, ": b has dtype ", b.scalar_type(), ", expected a's dtype ",
               a.scalar_type());
   check_tangent(ta, a, kOp, "ta");
@@ -169,13 +170,13 @@ TensorPair gated_residual_jvp_cuda(const at::Tensor& x, const std::optional<at::
   check_input(x, kOp, "x", x);
   check_input(gate, kOp, "gate", x);
   check_input(y, kOp, "y", x);
-  TORCH_CHECK(y.sizes() == x.sizes(), kOp, ": y has shape ", y.sizes(), ", expected x's shape ", x.sizes());
-  TORCH_CHECK(gate.dim() <= x.dim(), kOp, ": gate has shape ", gate.sizes(), ", which does not broadcast to x's ",
-              x.sizes());
+  TORCH_CHECK(y.sizes() == x.sizes(), kOp, ": y has shape ", facm_ext::dims_str(y.sizes()), ", expected x's shape ", facm_ext::dims_str(x.sizes()));
+  TORCH_CHECK(gate.dim() <= x.dim(), kOp, ": gate has shape ", facm_ext::dims_str(gate.sizes()), ", which does not broadcast to x's ",
+              facm_ext::dims_str(x.sizes()));
   for (int64_t i = 1; i <= gate.dim(); ++i) {
     const int64_t g = gate.size(-i);
-    TORCH_CHECK(g == 1 || g == x.size(-i), kOp, ": gate has shape ", gate.sizes(),
-                ", which does not broadcast to x's ", x.sizes());
+    TORCH_CHECK(g == 1 || g == x.size(-i), kOp, ": gate has shape ", facm_ext::dims_str(gate.sizes()),
+                ", which does not broadcast to x's ", facm_ext::dims_str(x.sizes()));
   }
   check_tangent(tx, x, kOp, "tx");
   check_tangent(tgate, gate, kOp, "tgate");

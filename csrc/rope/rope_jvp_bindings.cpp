@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "rope_jvp.h"
+#include "common/format.h"
 
 namespace facm_ext::rope {
 namespace {
@@ -46,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor> rope_jvp_cuda(const at::Tensor& x, const std:
                                                  c10::string_view layout) {
   TORCH_CHECK(layout == "BHLD" || layout == "BLHD", kOp, ": layout must be 'BHLD' or 'BLHD', got '", layout, "'");
   const bool tokens_first = layout == "BLHD";
-  TORCH_CHECK(x.is_cuda() && x.dim() == 4, kOp, ": x must be a 4-d CUDA tensor, got ", x.sizes(), " on ",
+  TORCH_CHECK(x.is_cuda() && x.dim() == 4, kOp, ": x must be a 4-d CUDA tensor, got ", facm_ext::dims_str(x.sizes()), " on ",
               x.device());
   const DType dtype = kernel_dtype(x, "x");
   const int64_t batches = x.size(0), heads = tokens_first ? x.size(2) : x.size(1);
@@ -63,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> rope_jvp_cuda(const at::Tensor& x, const std:
   TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == tokens &&
                   (cos.size(1) == head_dim || cos.size(1) == head_dim / 2),
               kOp, ": cos and sin must both be [L, D] or [L, D/2] with L = ", tokens, ", D = ", head_dim, "; got ",
-              cos.sizes(), " and ", sin.sizes());
+              facm_ext::dims_str(cos.sizes()), " and ", facm_ext::dims_str(sin.sizes()));
   at::Tensor cos_c = cos, sin_c = sin;
   if (cos.stride(1) != 1 || sin.stride(1) != 1 || cos.stride(0) != sin.stride(0)) {
     cos_c = cos.contiguous();
