@@ -352,9 +352,8 @@ def load_teacher(path: str, config: dict, device, trust_pickle: bool) -> torch.n
         if saved["model_config"] != config:
             raise ValueError(f"--teacher-from: {path} was trained with model {saved['model_config']}, "
                              f"this run builds {config}")
-        teacher.load_state_dict(saved["ema"], strict=False)
-    else:
-        ckpt.load_official_weights(path, teacher, trust_pickle=trust_pickle)
+        return teacher_from_ema(saved["ema"], config, "facm", device)
+    ckpt.load_official_weights(path, teacher, trust_pickle=trust_pickle)
     return teacher.to(device).eval().requires_grad_(False)
 
 
@@ -392,17 +391,30 @@ class Progress:
     def __init__(self, every: int, enabled: bool):
         self.every, self.enabled = every, enabled
         self.t0, self.count, self.sums = time.perf_counter(), 0, {}
+        self.stage, self.last = None, (0, 0, 0)
 
-    def update(self, stage: str, step: int, total: int, losses: dict, images: int):
+    def begin(self, stage: str):
+        """Call before each step: a window never mixes two stages (nor their times)."""
+        if stage != self.stage and self.count:
+            self.flush()
+        if stage != self.stage:
+            self.t0 = time.perf_counter()
+        self.stage = stage
+
+    def update(self, step: int, total: int, losses: dict, images: int):
+        self.last = (step, total, images)
         self.count += 1
         for k, v in losses.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
-        if self.count < self.every and step + 1 < total:
-            return
-        elapsed = time.perf_counter() - self.t0
-        if self.enabled:
+        if self.count >= self.every or step + 1 >= total:
+            self.flush()
+
+    def flush(self):
+        step, total, images = self.last
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        if self.enabled and self.count:
             text = " ".join(f"{k} {v / self.count:.4f}" for k, v in self.sums.items())
-            print(f"[{stage}] step {step + 1}/{total} {text} | {self.count / elapsed:.2f} it/s "
+            print(f"[{self.stage}] step {step + 1}/{total} {text} | {self.count / elapsed:.2f} it/s "
                   f"{self.count * images / elapsed:.0f} img/s", file=sys.stderr, flush=True)
         self.t0, self.count, self.sums = time.perf_counter(), 0, {}
 
@@ -431,6 +443,8 @@ def train(args, out: Path, device, dist: Dist) -> TrainState:
     if resume == "auto":
         found = ckpt.list_checkpoints(out / "checkpoints")
         resume = str(found[-1]) if found else None
+        if resume is None and dist.main:
+            print(f"--resume auto: no checkpoint in {out / 'checkpoints'}, starting from step 0", file=sys.stderr)
     if resume is not None:
         saved = ckpt.load_checkpoint(resume)
         if saved.get("format") != "facm_ext.train/1":
@@ -470,6 +484,7 @@ def train(args, out: Path, device, dist: Dist) -> TrainState:
     state.model.train()
     while state.step < total:
         in_stage1 = state.step < stage1_steps
+        progress.begin("stage1" if in_stage1 else args.objective)
         if not in_stage1 and state.teacher is None:
             start_stage2(state, args, config, device, dist)
             if dist.main:
@@ -515,8 +530,7 @@ def train(args, out: Path, device, dist: Dist) -> TrainState:
         state.optimizer.step()
         state.ema.update(state.model)
         state.step += 1
-        stage = "stage1" if in_stage1 else args.objective
-        progress.update(stage, state.step - 1, total, {k: v.detach() for k, v in losses.items()}, args.batch)
+        progress.update(state.step - 1, total, {k: v.detach() for k, v in losses.items()}, args.batch)
         if state.step % args.ckpt_every == 0 or state.step == total or state.step == stage1_steps:
             save_training_checkpoint(state, args, out, dist)
     if state.teacher is None and args.facm_steps == 0 and stage1_steps > 0:
