@@ -30,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import _harness
 import facm_ext
+from facm_ext.jvp import JVPReport
 from facm_ext.models import LightningDiT_XL_1, WanBlock, wan_rope_tables
 
 GROUP = "jvp_models"
@@ -79,6 +80,17 @@ def _measure(case: str, impl: str, fn, *, flops: float | None = None, note: str 
     _harness.record(GROUP, case, impl, ms, flops=flops, peak_gib=peak, note=note)
     _release()
     return ms, peak
+
+
+def _record_fusion(case: str, func, primals, tangents) -> None:
+    """One row saying whether every recognized op ran fused on this card (and why not, if not)."""
+    report = JVPReport()
+    with torch.no_grad(), _autocast():
+        facm_ext.jvp(func, primals, tangents, report=report)
+    fused = sum(report.fused.values())
+    declined = "; ".join(f"{what}: {', '.join(sorted(why))}" for what, why in sorted(report.reasons.items()))
+    _harness.record(GROUP, case, "facm_ext.jvp fusion check (report)", float("nan"),
+                    note=f"{fused} fused calls; " + (f"declined: {declined[:300]}" if declined else "none declined"))
 
 
 def _randomize_zero_init(model: nn.Module) -> None:
@@ -175,6 +187,7 @@ def test_bench_jvp_lightningdit_xl(benchmark, batch):
         _loss(out, tangent).backward()
         model.zero_grad(set_to_none=True)
 
+    _record_fusion(case, func, (x, t), (v, one))
     fwd_ms, _ = _measure(case, "plain forward, no grad", plain_forward, flops=fwd_flops)
     fb_ms, fb_peak = _measure(case, "plain forward + backward", plain_forward_backward, flops=3 * fwd_flops)
     compiled_ms, _ = _measure(case, "torch.compile(torch.func.jvp), math SDPA, no grad", compiled_no_grad,
@@ -256,6 +269,7 @@ def test_bench_jvp_wan_block_32760_tokens(benchmark):
         with torch.no_grad(), _autocast(), sdpa_kernel(SDPBackend.MATH):
             torch.func.jvp(func, (x, e), (tx, te))
 
+    _record_fusion(case, func, (x, e), (tx, te))
     fwd_ms, _ = _measure(case, "plain forward, no grad", plain_forward, flops=fwd_flops)
     fb_ms, fb_peak = _measure(case, "plain forward + backward", plain_forward_backward, flops=3 * fwd_flops)
     ours_ms, _ = _measure(case, "facm_ext.jvp, no grad", ours_no_grad, flops=jvp_flops, benchmark=benchmark)
