@@ -147,6 +147,11 @@ def teacher_velocity(teacher, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tenso
     ``x - noise``, with ``teacher`` the student itself for ``v_u``). ``v_u = teacher(x_t, t, null_class)``.
     Samples whose t lies outside ``guidance_interval`` (inclusive bounds) get ``v = v_c``. With ``cfg_scale == 1``
     no unconditional pass runs. Conditional and unconditional passes share one batched call.
+
+    Matches the reference ``get_velocity`` exactly with a teacher (outside the interval it feeds the conditional
+    label to both passes, so v = v_c). Without a teacher the reference code's unconditional pass outside the
+    interval uses the real label on the student, giving ``v_s + w (x - noise - v_s)`` there; here such samples
+    get ``v = x - noise``, as docs/facm_method.md states the rule.
     """
     low, high = _check_guidance(cfg_scale, guidance_interval, null_class)
     _check_batch(x_t, y, t, None, name_t="t")
