@@ -53,7 +53,7 @@ class DualTensor(torch.Tensor):
 
     def __repr__(self, *, tensor_contents=None):
         with DisableTorchFunctionSubclass():
-            primal = torch.Tensor.__repr__(self)
+            primal = repr(self.as_subclass(torch.Tensor))
         return f"DualTensor(primal={primal}, tangent={'zero' if self._facm_tangent is None else 'set'})"
 
 
