@@ -222,14 +222,14 @@ _LINEAR_FIRST_NAMES = _VIEW_NAMES | {
     "repeat", "repeat_interleave", "tile", "index_select", "gather", "take_along_dim", "tril", "triu", "neg",
     "negative", "__neg__", "positive", "__pos__", "conj", "resolve_conj", "resolve_neg", "trace", "diag",
     "diag_embed", "nansum", "fliplr", "flipud", "rot90",
-    "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "broadcast_to", "ravel", "squeeze_", "adaptive_avg_pool1d",
+    "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "broadcast_to", "ravel", "adaptive_avg_pool1d",
     "adaptive_avg_pool2d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
 }
 # Ops linear in ALL their tensor arguments jointly (sum of the op applied to each tangent with the others zero).
 _JOINTLY_LINEAR_NAMES = {"cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack"}
 # Ops multilinear in their tensor arguments: tangent = sum over dual args of op(..., tangent_i, ...).
 _MULTILINEAR_NAMES = {"mul", "__mul__", "__rmul__", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "einsum",
-                      "outer", "dot", "mv", "kron", "baddbmm_noinput", "multiply", "inner", "tensordot"}
+                      "outer", "dot", "mv", "kron", "multiply", "inner", "tensordot"}
 # Elementwise unary ops with a closed-form derivative: name -> derivative(x_plain, out_plain).
 _UNARY_DERIVATIVES: dict[str, Callable] = {
     "exp": lambda x, y: y,
@@ -248,8 +248,8 @@ _UNARY_DERIVATIVES: dict[str, Callable] = {
 
 # Ops that draw random numbers: their primal and tangent must see the same draw (see fallback).
 _RANDOM_NAMES = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
-                 "native_dropout", "rrelu", "fused_dropout", "bernoulli", "rand_like", "randn_like",
-                 "normal", "multinomial", "gumbel_softmax"}
+                 "native_dropout", "rrelu", "fused_dropout", "bernoulli", "normal", "multinomial",
+                 "gumbel_softmax"}
 
 
 def _name(func) -> str:
