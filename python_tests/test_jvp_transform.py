@@ -681,3 +681,12 @@ def test_compiled_modules_run_eagerly_under_the_transform(how):
     assert_rel_close(tout, tref, F64, what="tangent")
     assert any("run eagerly" in r for rs in report.reasons.values() for r in rs), str(report)
     torch.testing.assert_close(model(x, s), ref)  # the compiled module still works outside the transform
+
+
+def test_in_place_after_a_copying_reshape_is_allowed():
+    def f(x, y):
+        h = (x * 2).transpose(0, 1).reshape(-1)  # reshape of a transposed tensor copies: no memory shared
+        h += y.reshape(-1)
+        return h
+
+    check_against_reference(f, (randn(3, 4), randn(4, 3)), (randn(3, 4), randn(4, 3)))

@@ -477,7 +477,8 @@ def fallback(func, args: tuple, kwargs: dict, *, tangent_context: Optional[Calla
     if tangents_flat is None:
         tangents_flat = _functorch_tangent(func, flat, spec, dual_idx, out_flat, diff_positions, tangent_context)
 
-    is_view = kind == "view"
+    # reshape/contiguous/flatten/... return a view only sometimes: flag memory sharing only when it happened.
+    is_view = kind == "view" and bool(args) and type(args[0]) is DualTensor and _shares_storage(out_flat, args[0])
     if how is None:
         tangent = tangents_flat[0]
         result = _wrap(out, tangent if isinstance(tangent, torch.Tensor) else None)
@@ -496,6 +497,12 @@ def fallback(func, args: tuple, kwargs: dict, *, tangent_context: Optional[Calla
         for i in dual_idx:
             flat[i]._facm_shares_memory = True
     return _unflatten_out(result, how)
+
+
+def _shares_storage(outputs: list, source: torch.Tensor) -> bool:
+    with DisableTorchFunctionSubclass():
+        source_ptr = source.untyped_storage().data_ptr()
+        return any(isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() == source_ptr for o in outputs)
 
 
 def _as_list(out) -> list:
