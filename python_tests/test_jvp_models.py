@@ -55,7 +55,8 @@ EXPECTED_FUSED = {
                      "gated_residual_jvp"),
     "dit": ("linear_jvp", "attention_jvp", "mlp_jvp", "layer_norm_jvp", "silu_jvp", "adaln_jvp",
             "gated_residual_jvp"),
-    "wan": ("linear_jvp", "attention_jvp", "mlp_jvp", "layer_norm_jvp", "rms_norm_jvp", "silu_jvp", "rope_jvp"),
+    "wan": ("linear_jvp", "attention_jvp", "mlp_jvp", "layer_norm_jvp", "rms_norm_jvp", "silu_jvp", "rope_jvp",
+            "adaln_jvp", "gated_residual_jvp"),
 }
 
 
@@ -214,3 +215,43 @@ def test_model_gpu_bf16_autocast_fp32_params(name):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_model_gpu_bf16_params(name):
     _assert_no_worse_than_pytorch(_gpu_errors(name, bf16_params=True))
+
+
+@pytest.mark.parametrize("variant", ["official", "ungated_ffn"])
+def test_wan_block_fused_only_when_verified(variant):
+    from facm_ext.models import WanBlock, wan_rope_tables
+
+    class UngatedFfn(WanBlock):
+        def forward(self, x, e, seq_lens, rope_cos, rope_sin, context, context_lens=None):
+            mods = [m.squeeze(2) for m in (self.modulation.unsqueeze(0) + e).chunk(6, dim=2)]
+            shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mods
+            y = self.self_attn(self.norm1(x) * (1 + scale_sa) + shift_sa, seq_lens, rope_cos, rope_sin)
+            x = x + y * gate_sa
+            x = x + self.cross_attn(self.norm3(x), context, context_lens)
+            return x + self.ffn(self.norm2(x) * (1 + scale_ff) + shift_ff)
+
+    block = _randomize((WanBlock if variant == "official" else UngatedFfn)(64, 96, 2), seed=3).double()
+    grid = (2, 3, 20)  # 120 tokens: the first-call check uses a window of them
+    tokens = 120
+    gen = torch.Generator().manual_seed(4)
+    x, e = torch.randn(2, tokens, 64, generator=gen, dtype=F64), torch.randn(2, tokens, 6, 64, generator=gen, dtype=F64)
+    tx, te = torch.randn(x.shape, generator=gen, dtype=F64), torch.randn(e.shape, generator=gen, dtype=F64)
+    cos, sin = (t.to(F64) for t in wan_rope_tables(32, grid))
+    context = torch.randn(2, 8, 64, generator=gen, dtype=F64)
+    seq_lens = torch.tensor([120, 97])
+
+    def func(x, e):
+        return block(x, e, seq_lens, cos, sin, context)
+
+    report = JVPReport()
+    out, tout = facm_ext.jvp(func, (x, e), (tx, te), report=report)
+    ref, tref = reference_jvp(func, (x, e), (tx, te))
+    assert_rel_close(out, ref, F64, what="primal")
+    assert_rel_close(tout, tref, F64, what="tangent")
+    if get_op("adaln_jvp")[0] is None or get_op("gated_residual_jvp")[0] is None:
+        pytest.skip("adaln_jvp / gated_residual_jvp not available")
+    fused = report.fused.get("adaLN block gated residual -> gated_residual_jvp", 0)
+    if variant == "official":
+        assert fused == 2, str(report)
+    else:
+        assert fused == 0 and "differs" in " ".join(report.reasons[f"{type(block).__name__} (Wan block)"]), str(report)

@@ -1,4 +1,5 @@
-"""adaLN-Zero transformer blocks (DiT, LightningDiT) run with the fused norm+modulate and gated-residual ops.
+"""Transformer blocks run with the fused norm+modulate and gated-residual ops: adaLN-Zero blocks (DiT,
+LightningDiT) and Wan 2.2 blocks (per-token modulation; see :func:`wan_block_rule`).
 
 A block of the form
 
@@ -13,7 +14,8 @@ Each norm+modulate then runs as one ``adaln_jvp`` and each residual as one ``gat
 about a dozen elementwise kernels for primal and tangent); attn and mlp go through the transform as usual.
 
 The block's forward is Python code the structure check cannot read, so the first call with a tangent verifies the
-fused form against the block's own forward under the transform, on the first sample of the real arguments, with
+fused form against the block's own forward under the transform, on the first sample of the real arguments (and,
+for Wan blocks, a window of the first tokens), with
 autocast off: both primal and tangent must agree to 1e-3 (fp32) or 1e-9 (fp64) relative. Blocks whose
 parameters are not fp32/fp64 cannot be verified that precisely and are never fused this way (their ops still are,
 one by one). A failed check is recorded in the report and the block keeps its own forward.
@@ -21,6 +23,7 @@ one by one). A failed check is recorded in the report and the block keeps its ow
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from typing import Optional
 
@@ -34,7 +37,7 @@ from ._rules import call_op
 def _norm_spec(norm: nn.Module, channels: int):
     """("layer" | "rms", has weight, eps, output-dtype policy) of a block norm, or None when unsupported. The
     weight itself is read at call time (FSDP swaps parameter objects between sharded and unsharded)."""
-    if type(norm) is nn.LayerNorm:
+    if isinstance(norm, nn.LayerNorm):  # subclasses too (Wan's fp32 LayerNorm): the first-call check covers them
         if tuple(norm.normalized_shape) != (channels,) or norm.bias is not None:
             return None
         return "layer", norm.weight is not None, float(norm.eps), "promote"
@@ -79,7 +82,8 @@ def adaln_block_rule(module: nn.Module):
             return NotImplemented
         what = f"{type(mod).__name__} (adaLN block)"
         if "ok" not in verdict:
-            verdict["ok"], why = _verify(mod, args, norms)
+            sample = tuple(_first_sample(a, x.shape[0]) for a in args)
+            verdict["ok"], why = _verify(mod, sample, lambda block, a: _fused_forward(block, a, norms))
             if not verdict["ok"]:
                 record_fallback(what, why)
         if not verdict["ok"]:
@@ -89,8 +93,9 @@ def adaln_block_rule(module: nn.Module):
     return block_rule
 
 
-def _adaln(x, shift, scale, spec, norm_module: nn.Module):
-    """norm(x) * (1 + scale) + shift for [B, C] shift/scale, fused; falls back to the block's own expression."""
+def _adaln(x, shift, scale, spec, norm_module: nn.Module, per_token: bool = False):
+    """norm(x) * (1 + scale) + shift, fused; falls back to the block's own expression. shift/scale: [B, C]
+    broadcast over tokens, or per token [B, L, C] (``per_token``)."""
     kind, has_weight, eps, policy = spec
     weight = norm_module.weight if has_weight else None
     x_p, x_t = split_dual(x)
@@ -106,11 +111,14 @@ def _adaln(x, shift, scale, spec, norm_module: nn.Module):
         if result is not None:
             return make_dual(*result)
         record_fallback("adaLN block norm+modulate", why)
+    if per_token:
+        return norm_module(x) * (1 + scale) + shift
     return norm_module(x) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def _gated(x, gate, y):
-    """x + gate.unsqueeze(1) * y, fused; falls back to the block's own expression."""
+def _gated(x, gate, y, per_token: bool = False):
+    """x + gate * y (gate [B, C] broadcast over tokens, or per token [B, L, C]), fused; falls back to the block's
+    own expression."""
     x_p, x_t = split_dual(x)
     gate_p, gate_t = split_dual(gate)
     y_p, y_t = split_dual(y)
@@ -125,6 +133,8 @@ def _gated(x, gate, y):
                 primal, tangent = primal.to(out_dtype), tangent.to(out_dtype)
             return make_dual(primal, tangent)
         record_fallback("adaLN block gated residual", why)
+    if per_token:
+        return x + y * gate
     return x + gate.unsqueeze(1) * y
 
 
@@ -144,20 +154,18 @@ def _first_sample(value, batch: int):
     return value
 
 
-def _verify(block: nn.Module, args: tuple, norms) -> tuple[bool, Optional[str]]:
-    """Compare the fused form with the block's own forward (under the transform, without the block's hooks,
-    which the pattern requires to be absent or, under run_module, to be handled by the caller) on the first
-    sample."""
+def _verify(block: nn.Module, sample: tuple, fused_forward) -> tuple[bool, Optional[str]]:
+    """Compare ``fused_forward(block, sample)`` with the block's own forward (under the transform, without the
+    block's hooks, which the pattern requires to be absent or, under run_module, handled by the caller) on the
+    reduced arguments ``sample``."""
     params = list(block.parameters())
     if not params or any(p.dtype not in (torch.float32, torch.float64) for p in params):
         return False, "not verified: parameters are not fp32/fp64, so the fused form keeps per-op fusion only"
-    batch = args[0].shape[0]
-    sample = tuple(_first_sample(a, batch) for a in args)
     report, STATE.report = STATE.report, None
     try:
         with torch.no_grad(), torch.autocast(params[0].device.type, enabled=False):
             reference = block.forward(*sample)
-            fused = _fused_forward(block, sample, norms)
+            fused = fused_forward(block, sample)
     finally:
         STATE.report = report
     ref_p, ref_t = split_dual(reference)
@@ -174,3 +182,115 @@ def _verify(block: nn.Module, args: tuple, norms) -> tuple[bool, Optional[str]]:
         if not diff <= tol * max(b.double().norm().item(), 1e-30):
             return False, f"fused form differs from the block's forward ({name}); block not fused"
     return True, None
+
+
+# ------------------------------------------------------------------------------------------------ Wan blocks
+_WAN_CHILDREN = {"norm1", "self_attn", "norm3", "cross_attn", "norm2", "ffn"}
+# Tokens of the window the first-call check of a Wan block runs on (full-size blocks have ~32k-75k tokens).
+_WAN_CHECK_TOKENS = 64
+
+
+def wan_block_rule(module: nn.Module):
+    """The fused rule for a Wan 2.2 block (official ``WanAttentionBlock`` structure):
+
+        mods = (modulation.unsqueeze(0) + e).chunk(6, dim=2), each squeezed to a per-token [B, L, C] view
+        y = self_attn((norm1(x) * (1 + scale_sa) + shift_sa).to(dt), seq_lens, rope_cos, rope_sin)
+        x = x + y * gate_sa
+        x = x + cross_attn(norm3(x).to(dt), context, context_lens)
+        y = ffn((norm2(x) * (1 + scale_ff) + shift_ff).to(dt))
+        return x + y * gate_ff                                   (dt = self_attn.q.weight.dtype)
+
+    forward(x, e, seq_lens, rope_cos, rope_sin, context, context_lens=None). Verified on its first call on the
+    first sample and a window of the first tokens (tables and key lengths cut to match). Or None."""
+    children = dict(module.named_children())
+    if set(children) != _WAN_CHILDREN or module._buffers or set(module._parameters) != {"modulation"}:
+        return None
+    modulation = module.modulation
+    q = getattr(children["self_attn"], "q", None)
+    if modulation is None or modulation.dim() != 3 or modulation.shape[:2] != (1, 6) or type(q) is not nn.Linear:
+        return None
+    channels = modulation.shape[2]
+    norms = (_norm_spec(children["norm1"], channels), _norm_spec(children["norm2"], channels))
+    if None in norms or norms[0][0] != "layer" or norms[1][0] != "layer":
+        return None
+    module_ref = weakref.ref(module)
+    verdict: dict = {}
+
+    def fused(block, args):
+        return _wan_fused_forward(block, args, norms)
+
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return None
+    if len(signature.parameters) != 7:
+        return None
+
+    def block_rule(mod, args, kwargs):
+        if module_ref() is not mod:
+            return NotImplemented
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return NotImplemented
+        bound.apply_defaults()
+        args = tuple(bound.arguments.values())
+        x, e = args[0], args[1]
+        if not (isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[-1] == channels
+                and isinstance(e, torch.Tensor) and e.dim() == 4 and tuple(e.shape[2:]) == (6, channels)
+                and e.shape[:2] == x.shape[:2]):
+            return NotImplemented
+        what = f"{type(mod).__name__} (Wan block)"
+        if "ok" not in verdict:
+            sample = _wan_window(args)
+            if sample is None:
+                verdict["ok"], why = False, "not verified: arguments not in the Wan block form"
+            else:
+                verdict["ok"], why = _verify(mod, sample, fused)
+            if not verdict["ok"]:
+                record_fallback(what, why)
+        if not verdict["ok"]:
+            return NotImplemented
+        return fused(mod, args)
+
+    return block_rule
+
+
+def _wan_window(args: tuple):
+    """The first sample and the first tokens of Wan block arguments, or None when they do not have that form."""
+    x, e, seq_lens, rope_cos, rope_sin, context = args[:6]
+    context_lens = args[6] if len(args) > 6 else None
+    batch, tokens = x.shape[0], x.shape[1]
+    window = min(tokens, _WAN_CHECK_TOKENS)
+
+    def cut(value, token_dim):
+        primal, tangent = split_dual(value)
+        index = (slice(0, 1),) + (slice(None),) * (token_dim - 1) + (slice(0, window),)
+        primal = primal.detach()[index]
+        return make_dual(primal, None if tangent is None else tangent[index]) if tangent is not None else primal
+
+    for table in (rope_cos, rope_sin):
+        if table is not None and (not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[0] != tokens):
+            return None
+    if seq_lens is not None and (not isinstance(seq_lens, torch.Tensor) or seq_lens.shape != (batch,)):
+        return None
+    x_w, e_w = cut(x, 1), cut(e, 1)
+    cos_w = None if rope_cos is None else split_dual(rope_cos)[0][:window]
+    sin_w = None if rope_sin is None else split_dual(rope_sin)[0][:window]
+    lens_w = None if seq_lens is None else seq_lens[:1].clamp(max=window)
+    context_w = _first_sample(context, batch)
+    context_lens_w = None if context_lens is None else context_lens[:1]
+    return x_w, e_w, lens_w, cos_w, sin_w, context_w, context_lens_w
+
+
+def _wan_fused_forward(block: nn.Module, args: tuple, norms):
+    x, e, seq_lens, rope_cos, rope_sin, context = args[:6]
+    context_lens = args[6] if len(args) > 6 else None
+    compute_dtype = block.self_attn.q.weight.dtype
+    mods = [m.squeeze(2) for m in (block.modulation.unsqueeze(0) + e).chunk(6, dim=2)]
+    shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mods
+    h = _adaln(x, shift_sa, scale_sa, norms[0], block.norm1, per_token=True).to(compute_dtype)
+    x = _gated(x, gate_sa, block.self_attn(h, seq_lens, rope_cos, rope_sin), per_token=True)
+    x = x + block.cross_attn(block.norm3(x).to(compute_dtype), context, context_lens)
+    h = _adaln(x, shift_ff, scale_ff, norms[1], block.norm2, per_token=True).to(compute_dtype)
+    return _gated(x, gate_ff, block.ffn(h), per_token=True)

@@ -20,8 +20,8 @@ module call then goes, in order, to:
      the same way, including the dtype its output takes -> ``rms_norm_jvp``;
    - RoPE-like modules (no parameters; ``forward(x)`` with two [L, D] table buffers, or ``forward(x, cos, sin)``),
      verified on probes for both pair conventions -> ``rope_jvp``;
-   - adaLN-Zero blocks (facm_ext/jvp/_blocks.py), verified on their first call -> ``adaln_jvp`` and
-     ``gated_residual_jvp`` around the block's own attention and MLP;
+   - adaLN-Zero blocks and Wan 2.2 blocks (facm_ext/jvp/_blocks.py), verified on their first call ->
+     ``adaln_jvp`` and ``gated_residual_jvp`` around the block's own attention and MLP;
    patterns are looked up once per module instance and skipped for instances whose ``forward`` was replaced;
 4. otherwise the module's normal ``__call__`` (hooks included); its functions are still intercepted.
 nn.Linear, nn.LayerNorm and nn.RMSNorm need no module rule: their F.linear / F.layer_norm / F.rms_norm calls are
@@ -320,9 +320,9 @@ def _recognize(module: nn.Module):
     rope = _rope_like(module)
     if rope is not None:
         return rope
-    from ._blocks import adaln_block_rule
+    from ._blocks import adaln_block_rule, wan_block_rule
 
-    block = adaln_block_rule(module)
+    block = adaln_block_rule(module) or wan_block_rule(module)
     if block is not None:
         return block
     return _NOT_A_PATTERN
