@@ -690,3 +690,17 @@ def test_in_place_after_a_copying_reshape_is_allowed():
         return h
 
     check_against_reference(f, (randn(3, 4), randn(4, 3)), (randn(3, 4), randn(4, 3)))
+
+
+def test_adaln_block_fused_under_autocast_with_low_precision_activations():
+    block = _randomize(AdaLNBlock(16))
+    x, c = torch.randn(2, 3, 16, dtype=torch.bfloat16), torch.randn(2, 16, dtype=torch.bfloat16)
+    tx, tc = torch.randn_like(x), torch.randn_like(c)
+    with torch.autocast("cpu", torch.bfloat16):
+        out, tout, report = facm_ext.jvp(block, (x, c), (tx, tc), report=True)
+        ref, tref = torch.func.jvp(block, (x, c), (tx, tc))
+    assert out.dtype == ref.dtype and tout.dtype == out.dtype
+    assert_rel_close(out, ref, torch.bfloat16, what="primal")
+    assert_rel_close(tout, tref, torch.bfloat16, what="tangent")
+    if get_op("adaln_jvp")[0] is not None and get_op("gated_residual_jvp")[0] is not None:
+        assert report.fused.get("adaLN block norm+modulate -> adaln_jvp") == 2, str(report)

@@ -102,7 +102,9 @@ def _adaln(x, shift, scale, spec, norm_module: nn.Module, per_token: bool = Fals
     out_dtype = x_p.dtype
     if weight is not None and policy == "promote":
         out_dtype = torch.promote_types(x_p.dtype, weight.dtype)
-    if x_t is not None and out_dtype == x_p.dtype:
+    if x_t is not None:
+        if out_dtype != x_p.dtype:  # the norm's output is wider than x (fp32 weight): normalize in that dtype
+            x_p, x_t = x_p.to(out_dtype), x_t.to(out_dtype)
         shift_p, shift_t = split_dual(shift)
         scale_p, scale_t = split_dual(scale)
         w = None if weight is None else (weight if weight.dtype == x_p.dtype else weight.to(x_p.dtype))
@@ -154,6 +156,15 @@ def _first_sample(value, batch: int):
     return value
 
 
+def _widen(value, dtype: torch.dtype):
+    if not isinstance(value, torch.Tensor) or value.dtype not in (torch.float16, torch.bfloat16):
+        return value
+    primal, tangent = split_dual(value)
+    if type(value) is DualTensor:
+        return make_dual(primal.to(dtype), None if tangent is None else tangent.to(dtype))
+    return primal.to(dtype)
+
+
 def _verify(block: nn.Module, sample: tuple, fused_forward) -> tuple[bool, Optional[str]]:
     """Compare ``fused_forward(block, sample)`` with the block's own forward (under the transform, without the
     block's hooks, which the pattern requires to be absent or, under run_module, handled by the caller) on the
@@ -161,6 +172,9 @@ def _verify(block: nn.Module, sample: tuple, fused_forward) -> tuple[bool, Optio
     params = list(block.parameters())
     if not params or any(p.dtype not in (torch.float32, torch.float64) for p in params):
         return False, "not verified: parameters are not fp32/fp64, so the fused form keeps per-op fusion only"
+    # Low-precision activations (autocast outputs such as a bf16 text context) are widened to the parameters'
+    # dtype: the check is about the block's structure, run precisely.
+    sample = tuple(_widen(a, params[0].dtype) for a in sample)
     report, STATE.report = STATE.report, None
     try:
         with torch.no_grad(), torch.autocast(params[0].device.type, enabled=False):
