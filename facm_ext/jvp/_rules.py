@@ -2,8 +2,9 @@
 
 | function                              | op                | fused when                                              |
 |---------------------------------------|-------------------|---------------------------------------------------------|
-| F.linear                              | linear_jvp        | the input carries a tangent, weight/bias do not          |
-| F.scaled_dot_product_attention        | attention_jvp     | no attn_mask, dropout_p == 0, not causal, no GQA, 4-D    |
+| F.linear                              | linear_jvp        | the input carries a tangent, weight/bias do not         |
+| F.scaled_dot_product_attention        | attention_jvp     | 4-D, dropout_p == 0, not causal, no GQA; attn_mask None |
+|                                       |                   | or a boolean key-prefix mask (-> key_lengths; 1 sync)   |
 | F.layer_norm                          | layer_norm_jvp    | normalized over the last dim only, weight/bias constant |
 | F.rms_norm                            | rms_norm_jvp      | normalized over the last dim only, weight constant      |
 | F.gelu                                | gelu_jvp          | always                                                  |
