@@ -35,7 +35,7 @@ from facm_ext.facm.png import image_grid, write_png
 
 TEACHER_FILE = "teacher.pt"
 # Arguments that may differ between a run and its resumption; every other one must match the checkpoint's.
-RESUMABLE_CHANGES = {"output_dir", "resume", "log_every", "eval_samples", "teacher_steps", "ckpt_every",
+RESUMABLE_CHANGES = {"output_dir", "resume", "log_every", "eval_samples", "eval_seeds", "teacher_steps", "ckpt_every",
                      "keep_checkpoints", "device", "threads", "no_eval", "facm_steps", "eval_batch"}
 
 
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt-every", type=int, default=200)
     g.add_argument("--keep-checkpoints", type=int, default=2)
     g.add_argument("--log-every", type=int, default=20)
-    g.add_argument("--eval-samples", type=int, default=500)
+    g.add_argument("--eval-samples", type=int, default=1000)
+    g.add_argument("--eval-seeds", type=int, default=1, help="noise draws the FD is averaged over")
     g.add_argument("--eval-batch", type=int, default=250)
     g.add_argument("--teacher-steps", type=int, default=32, help="Euler steps of the multi-step teacher")
     g.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
@@ -98,7 +99,7 @@ def validate(args: argparse.Namespace, world_size: int) -> None:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
 
     for name in ("hidden_size", "depth", "num_heads", "batch", "ckpt_every", "keep_checkpoints", "log_every",
-                 "eval_batch", "teacher_steps"):
+                 "eval_batch", "teacher_steps", "eval_seeds"):
         positive(name, getattr(args, name))
     for name in ("stage1_steps", "facm_steps", "eval_samples", "threads"):
         if getattr(args, name) < 0:
@@ -568,59 +569,70 @@ def evaluate(state: TrainState, args, out: Path, device, ema_state: dict) -> dic
     classifier = digits.train_feature_classifier(data, seed=args.seed)
     n = args.eval_samples
     labels = torch.arange(digits.NUM_CLASSES).repeat((n + digits.NUM_CLASSES - 1) // digits.NUM_CLASSES)[:n]
-    noise_gen = torch.Generator().manual_seed(args.seed + 12345)
-    noise = torch.randn(n, 1, args.image_size, args.image_size, generator=noise_gen)
     null_class = digits.NUM_CLASSES
     rows = []
 
-    def run(name, fn, nfe):
-        chunks = []
-        for start in range(0, n, args.eval_batch):
-            sl = slice(start, start + args.eval_batch)
-            chunks.append(fn(noise[sl].to(device), labels[sl].to(device)).float().cpu())
-        samples = torch.cat(chunks)
-        quality = digits.sample_quality(classifier, samples, labels, data.test_x)
-        rows.append({"model": name.split(",")[0], "sampler": name, "nfe": nfe, **quality})
-        file = "".join(c if c.isalnum() or c in "-_" else "_" for c in name.replace(", ", "_")).strip("_")
-        file = "_".join(part for part in file.split("_") if part) + ".png"
-        write_png(out / file, image_grid(samples[:100], nrow=10))
-        return samples
+    def measure(name, fn, nfe):
+        """fn(noise, labels, generator) -> samples; FD and accuracy averaged over --eval-seeds noise draws."""
+        fds, accuracies = [], []
+        for k in range(args.eval_seeds):
+            noise = torch.randn(n, 1, args.image_size, args.image_size,
+                                generator=torch.Generator().manual_seed(args.seed + 12345 + k))
+            sample_gen = torch.Generator().manual_seed(args.seed + 777 + k)  # the samplers' fresh noise
+            chunks = []
+            for start in range(0, n, args.eval_batch):
+                sl = slice(start, start + args.eval_batch)
+                chunks.append(fn(noise[sl].to(device), labels[sl].to(device), sample_gen).float().cpu())
+            samples = torch.cat(chunks)
+            quality = digits.sample_quality(classifier, samples, labels, data.test_x)
+            fds.append(quality["fd"])
+            accuracies.append(quality["accuracy"])
+            if k == 0:
+                file = "".join(c if c.isalnum() or c in "-_" else "_" for c in name.replace(", ", "_"))
+                file = "_".join(part for part in file.split("_") if part) + ".png"
+                write_png(out / file, image_grid(samples[:100], nrow=10))
+        fd = torch.tensor(fds, dtype=torch.float64)
+        rows.append({"model": name.split(",")[0], "sampler": name, "nfe": nfe, "fd": fd.mean().item(),
+                     "fd_std": fd.std().item() if len(fds) > 1 else 0.0,
+                     "accuracy": sum(accuracies) / len(accuracies), "seeds": len(fds)})
 
     real = data.train_x[:n]
-    rows.append({"model": "real data", "sampler": "training split vs held-out", "nfe": 0,
-                 **digits.sample_quality(classifier, real, data.train_y[:n], data.test_x)})
+    rows.append({"model": "real data", "sampler": f"{real.shape[0]} training images vs held-out", "nfe": 0,
+                 **digits.sample_quality(classifier, real, data.train_y[:n], data.test_x), "fd_std": 0.0,
+                 "seeds": 1})
     write_png(out / "real.png", image_grid(real[:100], nrow=10))
     low, high = args.guidance_interval
     teacher = state.teacher
     if teacher is not None and args.objective == "facm":
         guided_nfe = sum(2 if low <= i / args.teacher_steps <= high and args.cfg_scale != 1 else 1
                          for i in range(args.teacher_steps))
-        run(f"teacher, Euler {args.teacher_steps} steps",
-            lambda z, yy: facm.sample_flow(teacher, z, yy, args.teacher_steps, cfg_scale=args.cfg_scale,
+        measure(f"teacher, Euler {args.teacher_steps} steps",
+            lambda z, yy, _: facm.sample_flow(teacher, z, yy, args.teacher_steps, cfg_scale=args.cfg_scale,
                                            guidance_interval=(low, high), null_class=null_class), guided_nfe)
         if args.teacher_steps != 2:
-            run("teacher, Euler 2 steps",
-                lambda z, yy: facm.sample_flow(teacher, z, yy, 2, cfg_scale=args.cfg_scale,
-                                               guidance_interval=(low, high), null_class=null_class),
-                sum(2 if low <= i / 2 <= high and args.cfg_scale != 1 else 1 for i in range(2)))
+            measure("teacher, Euler 2 steps",
+                    lambda z, yy, _: facm.sample_flow(teacher, z, yy, 2, cfg_scale=args.cfg_scale,
+                                                     guidance_interval=(low, high), null_class=null_class),
+                    sum(2 if low <= i / 2 <= high and args.cfg_scale != 1 else 1 for i in range(2)))
     if args.facm_steps > 0:
         student = state.ema.module(config, args.objective, device, ema_state)
         name = "FACM" if args.objective == "facm" else "MeanFlow"
         if args.objective == "facm" and args.fm_weight == 0:
             name += " (fm_weight=0)"
         for steps in (1, 2):
-            sample_gen = torch.Generator().manual_seed(args.seed + 777)
-            run(f"{name}, {steps}-step", lambda z, yy: facm.sample(student, z, yy, steps, generator=sample_gen), steps)
+            measure(f"{name}, {steps}-step",
+                    lambda z, yy, gen: facm.sample(student, z, yy, steps, generator=gen), steps)
     results = {"rows": rows, "config": {k: v for k, v in vars(args).items()}, "step": state.step}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return results
 
 
 def format_results(results: dict) -> str:
-    lines = ["| model / sampler | NFE | FD (held-out digits) | class accuracy |", "|---|---|---|---|"]
+    lines = ["| model / sampler | NFE | FD to held-out digits (mean +- std over seeds) | class accuracy |",
+             "|---|---|---|---|"]
     for r in results["rows"]:
-        lines.append(f"| {r['sampler'] if r['model'] == 'real data' else r['sampler']} | {r['nfe']} | "
-                     f"{r['fd']:.2f} | {100 * r['accuracy']:.1f}% |")
+        spread = f" +- {r['fd_std']:.2f}" if r.get("seeds", 1) > 1 else ""
+        lines.append(f"| {r['sampler']} | {r['nfe']} | {r['fd']:.2f}{spread} | {100 * r['accuracy']:.1f}% |")
     return "\n".join(lines)
 
 

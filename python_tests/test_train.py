@@ -12,12 +12,10 @@ import pytest
 import torch
 
 from conftest import requires_cuda
+from facm_ext import train
 from facm_ext.facm import checkpoint as ckpt
 from facm_ext.facm import digits
 from facm_ext.facm.png import encode_png, image_grid
-
-pytest.importorskip("sklearn")
-train = pytest.importorskip("facm_ext.train")
 
 TINY = ["--hidden-size", "32", "--depth", "2", "--num-heads", "2", "--batch", "8", "--threads", "1",
         "--eval-samples", "20", "--eval-batch", "20", "--teacher-steps", "3", "--log-every", "100"]
@@ -28,12 +26,14 @@ def run(tmp: Path, *extra) -> dict | None:
 
 
 def test_default_run_end_to_end(tmp_path):
-    results = run(tmp_path, "--stage1-steps", "3", "--facm-steps", "2", "--ckpt-every", "2")
+    results = run(tmp_path, "--stage1-steps", "3", "--facm-steps", "2", "--ckpt-every", "2", "--eval-seeds", "2")
     samplers = [r["sampler"] for r in results["rows"]]
-    assert samplers == ["training split vs held-out", "teacher, Euler 3 steps", "teacher, Euler 2 steps",
+    assert samplers == ["20 training images vs held-out", "teacher, Euler 3 steps", "teacher, Euler 2 steps",
                         "FACM, 1-step", "FACM, 2-step"]
     assert [r["nfe"] for r in results["rows"]][-2:] == [1, 2]
     assert all(r["fd"] >= 0 and 0 <= r["accuracy"] <= 1 for r in results["rows"])
+    assert [r["seeds"] for r in results["rows"]] == [1, 2, 2, 2, 2]
+    assert all(r["fd_std"] > 0 for r in results["rows"][1:])  # two different noise draws
     for name in ("real.png", "FACM_1-step.png", "FACM_2-step.png", "results.json", train.TEACHER_FILE):
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / "real.png").read_bytes().startswith(b"\x89PNG")
