@@ -337,6 +337,9 @@ class Runtime:
     def peak(self) -> float:
         return torch.cuda.max_memory_allocated(self.device) if self.cuda else float("nan")
 
+    def peak_reserved(self) -> float:
+        return torch.cuda.max_memory_reserved(self.device) if self.cuda else float("nan")
+
     def reset_peak(self) -> None:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -388,6 +391,7 @@ def run_step(model: WanModel, inputs: dict, rt: Runtime, *, monitor: bool = Fals
     end = time.perf_counter()
     result = dict(forward_ms=(mid - start) * 1e3, backward_ms=(end - mid) * 1e3, step_ms=(end - start) * 1e3,
                   before=before, after_forward=after_forward, forward_peak=forward_peak, peak=rt.peak(),
+                  peak_reserved=rt.peak_reserved(),
                   out_bytes=out.numel() * out.element_size() + tangent.numel() * tangent.element_size(),
                   finite=bool(torch.isfinite(out).all().item() and torch.isfinite(tangent).all().item()),
                   out=out.detach(), tangent=tangent.detach())
@@ -399,14 +403,26 @@ def run_step(model: WanModel, inputs: dict, rt: Runtime, *, monitor: bool = Fals
     return result
 
 
-def local_grads(model: nn.Module) -> list[torch.Tensor]:
+def compared_parameters(model: WanModel) -> list[str]:
+    """The root's parameters and those of the first, middle and last blocks (all of them for <= 3 blocks): copies
+    of every local gradient would not fit next to a 14B model on an 80 GB card."""
+    count = len(model.blocks)
+    chosen = {0, count // 2, count - 1}
+    names = []
+    for name, _ in model.named_parameters():
+        if not name.startswith("blocks.") or int(name.split(".")[1]) in chosen:
+            names.append(name)
+    return names
+
+
+def local_grads(model: nn.Module, names: list[str]) -> list[torch.Tensor | None]:
+    """Copies of the local shards of the gradients of ``names`` (None where a parameter has no gradient)."""
+    params = dict(model.named_parameters())
     grads = []
-    for param in model.parameters():
-        grad = param.grad
-        if grad is None:
-            grads.append(None)
-            continue
-        grads.append((grad.to_local() if hasattr(grad, "to_local") else grad).detach().float().clone())
+    for name in names:
+        grad = params[name].grad
+        grads.append(None if grad is None else (grad.to_local() if hasattr(grad, "to_local") else grad).detach()
+                     .clone())
     return grads
 
 
@@ -423,8 +439,8 @@ def grads_rel(rt: Runtime, grads: list, reference: list) -> tuple[float, int]:
         if g is None or r is None:
             one_sided += int((g is None) != (r is None))
             continue
-        diff2 += float((g.double() - r.double()).pow(2).sum())
-        ref2 += float(r.double().pow(2).sum())
+        diff2 += float(torch.sum((g.float() - r.float()).pow(2), dtype=torch.float64))
+        ref2 += float(torch.sum(r.float().pow(2), dtype=torch.float64))
     diff2, ref2 = rt.sum(diff2), rt.sum(ref2)
     return math.sqrt(diff2 / max(ref2, 1e-300)), int(rt.sum(one_sided))
 
@@ -473,22 +489,24 @@ def verify_phase(model: WanModel, config: dict, args, rt: Runtime, results: dict
     inputs = make_inputs(config, tokens, rt.device, args.seed)
     set_checkpoint(model, False)
     plain = run_step(model, inputs, rt)
-    plain_grads = local_grads(model)
+    names = compared_parameters(model)
+    plain_grads = local_grads(model, names)
     reference = smoke_reference(model, config, inputs) if args.smoke else None
     plain_ref = full_grads_rel(model, reference) if reference is not None else None
     set_checkpoint(model, True, args.offload)
     recomputes_before = RecomputedBlock.recomputes
     checkpointed = run_step(model, inputs, rt)
     recomputes = RecomputedBlock.recomputes - recomputes_before
-    ckpt_grads = local_grads(model)
+    ckpt_grads = local_grads(model, names)
     grad_err, one_sided = grads_rel(rt, ckpt_grads, plain_grads)
     verify = dict(tokens=tokens, grid=inputs["grid"],
                   out_rel_err=rel(checkpointed["out"], plain["out"]),
                   tangent_rel_err=rel(checkpointed["tangent"], plain["tangent"]),
-                  grad_rel_err=grad_err, params_with_one_sided_grad=one_sided,
+                  grad_rel_err=grad_err, grads_compared=len(names), params_with_one_sided_grad=one_sided,
                   finite=plain["finite"] and checkpointed["finite"], offload=args.offload,
                   recomputes_per_step=recomputes, blocks=len(model.blocks),
-                  no_checkpoint_step_ms=plain["step_ms"], checkpoint_step_ms=checkpointed["step_ms"])
+                  no_checkpoint_step_ms=plain["step_ms"], checkpoint_step_ms=checkpointed["step_ms"],
+                  checkpoint_peak=max(rt.gather(checkpointed["peak"])))
     if reference is not None:
         ckpt_ref = full_grads_rel(model, reference)
         verify["vs_unsharded_reference"] = dict(
@@ -498,24 +516,30 @@ def verify_phase(model: WanModel, config: dict, args, rt: Runtime, results: dict
             checkpoint_out_rel_err=rel(checkpointed["out"], reference["out"]),
             checkpoint_tangent_rel_err=rel(checkpointed["tangent"], reference["tangent"]),
             checkpoint_grad_rel_err=ckpt_ref[0], checkpoint_grads_missing=ckpt_ref[1])
+    del plain_grads, ckpt_grads
     set_checkpoint(model, args.checkpoint == "on", args.offload)
     model.zero_grad(set_to_none=True)
+    rt.free()
     results["verify"] = verify
 
 
 # ---------------------------------------------------------------------------------------------- token search
 def predict_peaks(model, config, args, rt: Runtime, results: dict) -> dict:
-    """Peak memory of the configured step at two small sizes -> linear fit -> predicted peak per candidate."""
+    """Peak memory of the configured step at two small sizes (the verify phase's checkpointed step and one more)
+    -> linear fit -> predicted peak per candidate."""
     if not rt.cuda:
         return {}
     points = []
-    for tokens in args.probe_tokens:
+    verify = results["verify"]
+    if args.checkpoint == "on":
+        points.append((verify["tokens"], verify["checkpoint_peak"]))
+    for tokens in args.probe_tokens[len(points):]:
         inputs = make_inputs(config, tokens, rt.device, args.seed)
         step = run_step(model, inputs, rt)
         points.append((tokens, max(rt.gather(step["peak"]))))
         del step, inputs
         rt.free()
-    (t0, p0), (t1, p1) = points
+    (t0, p0), (t1, p1) = points[-2:]
     slope = (p1 - p0) / (t1 - t0)
     capacity = torch.cuda.get_device_properties(rt.device).total_memory
     predicted = {tokens: p0 + slope * (tokens - t0) for tokens in args.tokens}
@@ -770,8 +794,10 @@ def print_table(results: dict) -> None:
         rows += [("tokens per GPU (one sample)", f"{m['tokens']} (grid {m['grid']})"),
                  ("step ms (median, JVP fwd + backward)",
                   f"{fmt(m['step_ms'], '.0f')} ({fmt(m['forward_ms'], '.0f')} + {fmt(m['backward_ms'], '.0f')}) "
-                  f"over {m['timed_steps']} steps"),
-                 ("peak GiB per GPU", ", ".join(fmt(p / GIB) for p in m["peak_per_rank"])),
+                  + (f"over {m['timed_steps']} steps" if m["timed_steps"] else "(first step at this size, untimed)")),
+                 ("peak GiB per GPU, allocated (reserved)", ", ".join(
+                     f"{fmt(p / GIB)} ({fmt(q / GIB)})" for p, q in zip(m["peak_per_rank"],
+                                                                        m["peak_reserved_per_rank"]))),
                  ("all-gathers per block (fwd / bwd)", f"{m['forward_gathers']} / {m['backward_gathers']}"),
                  ("max blocks gathered at once (fwd / bwd)",
                   f"{m['forward_max_gathered']} / {m['backward_max_gathered']}")]
@@ -833,7 +859,7 @@ def parse_args(argv=None):
     args.compute_dtype = torch.float32 if args.smoke else torch.bfloat16
     args.budget_s = args.budget_s or (120.0 if args.smoke else 400.0)
     args.verify_tokens = 16 if args.smoke else 512
-    args.probe_tokens = (2048, 4096)
+    args.probe_tokens = (2048, 4096)  # the first is replaced by the verify phase's size when it checkpoints
     if args.smoke and args.simulate_oom_above is None:
         args.simulate_oom_above = 32
     if args.prefetch < 0:
@@ -897,25 +923,34 @@ def main(argv=None) -> int:
     model = state["model"]
     measurement = dict(tokens=tokens, grid=inputs["grid"], first_step_ms=first["step_ms"], finite=first["finite"])
     results["measurement"] = measurement
-    del first
     save_json(results, args, rt)
 
     # Timed steps: as many as fit the budget, keeping room for the profiled step, the block terms and the
-    # torch.func.jvp attempt (about three more steps' time).
-    step_estimate = measurement["first_step_ms"] / 1e3
+    # torch.func.jvp attempt (about three more steps' time); none if even one does not fit.
+    step_estimate = max(measurement["first_step_ms"] / 1e3, 1e-3)
     remaining = rt.from_rank0(deadline - time.perf_counter())
-    iters = int(max(1, min(args.iters, (remaining - 3 * step_estimate - 15) // max(step_estimate, 1e-3))))
-    steps = [run_step(model, inputs, rt, monitor=(i == 0)) for i in range(iters)]  # counting costs no GPU time
+    iters = int(min(args.iters, max(0, (remaining - 3 * step_estimate - 15) // step_estimate)))
+    if iters == 0 and remaining > step_estimate + 15:
+        iters = 1
+    if iters:
+        first = None
+        steps = [run_step(model, inputs, rt, monitor=(i == 0)) for i in range(iters)]  # counting costs no GPU time
+    else:
+        steps = [first]
+        results["notes"].append("no timed step fitted the time budget: time and peak are those of the first step "
+                                "at this size (it includes Triton autotuning and first-touch allocations)")
     for key in ("forward_gathers", "backward_gathers", "forward_max_gathered", "backward_max_gathered"):
         measurement[key] = steps[0][key]
     for key in ("step_ms", "forward_ms", "backward_ms"):
         measurement[key] = statistics.median(rt.gather(statistics.median(s[key] for s in steps)))
     measurement["timed_steps"] = iters
     measurement["peak_per_rank"] = rt.gather(max(s["peak"] for s in steps))
+    measurement["peak_reserved_per_rank"] = rt.gather(max(s["peak_reserved"] for s in steps))
     measurement["forward_peak_per_rank"] = rt.gather(max(s["forward_peak"] for s in steps))
     last = dict(before=steps[-1]["before"], after_forward=steps[-1]["after_forward"])
     measurement["finite"] = measurement["finite"] and all(s["finite"] for s in steps)
-    del steps
+    del steps, first
+    model.zero_grad(set_to_none=True)
     rt.free()
     save_json(results, args, rt)
 
