@@ -330,8 +330,11 @@ def test_gpu_backward_key_lengths(dtype, monkeypatch):
 @requires_cuda
 def test_gpu_default_backward_choice():
     q = torch.empty(1, 1, 8, 72, device="cuda", dtype=torch.bfloat16)
-    assert attention_ops._backward_backend(q, False) == "flash"
+    fused = "cudnn" if attention_ops._cudnn_ok() else "flash"
+    assert attention_ops._backward_backend(q, False) == fused
     assert attention_ops._backward_backend(q, True) == "triton"
+    q256 = torch.empty(1, 1, 8, 256, device="cuda", dtype=torch.bfloat16)
+    assert attention_ops._backward_backend(q256, False) == "flash"
 
 
 @requires_cuda

@@ -7,12 +7,12 @@ Backends (``python -m facm_ext.info`` lists them):
   see the kernel module for why the 64 + 16 split is not used).
 - forward, ``reference``: explicit JVP formulas in fp32 (fp64 for fp64 inputs), chunked over queries so the score
   matrix never exists whole; used on CPU, for fp32/fp64, and for head dims the kernel does not take.
-- backward of O: PyTorch's fused flash-attention backward (``aten._scaled_dot_product_flash_attention_backward``)
-  fed with our O and lse where it applies (CUDA fp16/bf16, head_dim % 8 == 0, <= 256, no key_lengths); else the
-  Triton flash backward; else the chunked explicit backward. ``FACM_EXT_ATTN_BACKWARD=flash|cudnn|triton|reference``
-  forces one. cudnn (``aten._scaled_dot_product_cudnn_attention_backward`` with our lse as its [B, H, Lq, 1] stats)
-  ran at 1.03-1.06x SDPA's backward time on an H200 where flash took 1.8-2.1x, but its gradients have not been
-  checked on a GPU yet (python_tests/test_attention.py::test_gpu_backward[cudnn-...] does): opt-in until then.
+- backward of O: cuDNN's attention backward (``aten._scaled_dot_product_cudnn_attention_backward``) fed with our O
+  and lse as its [B, H, Lq, 1] stats where it applies (CUDA fp16/bf16, head_dim % 8 == 0, <= 128, no key_lengths):
+  1.03-1.06x SDPA's backward time on an H200; else PyTorch's flash backward
+  (``aten._scaled_dot_product_flash_attention_backward``, head_dim <= 256, 1.8-2.1x); else the Triton flash
+  backward (key_lengths); else the chunked explicit backward. ``FACM_EXT_ATTN_BACKWARD=flash|cudnn|triton|reference``
+  forces one. Every backend is checked against float64 autograd of math attention in the GPU tests.
 ``FACM_EXT_BACKEND=reference|triton`` forces the forward backend (triton with an unsupported case is a ValueError;
 with ``TRITON_INTERPRET=1`` the forced triton backend also runs CPU tensors, for the interpreter tests).
 """
@@ -31,6 +31,14 @@ from facm_ext.ops import _common
 _FAST_DTYPES = (torch.float16, torch.bfloat16)
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 128  # mirrors facm_ext.kernels.attention_jvp_triton (not imported here: Triton)
 _FLASH_BACKWARD_MAX_HEAD_DIM = 256
+_CUDNN_BACKWARD_MAX_HEAD_DIM = 128
+
+
+def _cudnn_ok() -> bool:
+    """cuDNN is usable and this torch has the cuDNN attention backward op."""
+    return torch.backends.cudnn.is_available() and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward")
+
+
 # Bytes of fp32 score-sized temporaries the chunked math path may hold at once.
 _MATH_CHUNK_BYTES = 1 << 30
 
@@ -76,6 +84,10 @@ def _backward_backend(q: Tensor, has_key_lengths: bool) -> str:
         return forced
     head_dim = q.shape[-1]
     if q.is_cuda and q.dtype in _FAST_DTYPES:
+        # cuDNN's backward fed with our log-sum-exp measured 1.03-1.06x SDPA's backward on an H200, PyTorch's flash
+        # backward 1.8-2.1x (benchmarks/RESULTS.md); both are checked against float64 autograd in the GPU tests.
+        if not has_key_lengths and head_dim % 8 == 0 and head_dim <= _CUDNN_BACKWARD_MAX_HEAD_DIM and _cudnn_ok():
+            return "cudnn"
         if not has_key_lengths and head_dim % 8 == 0 and head_dim <= _FLASH_BACKWARD_MAX_HEAD_DIM:
             return "flash"
         if _triton_head_dim_ok(head_dim) and _common.triton_available():
@@ -198,7 +210,7 @@ def _aten_flash_backward(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Ten
 
 
 def _aten_cudnn_backward(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float):
-    """cuDNN's attention backward; its lse layout is [B, H, Lq, 1] fp32. Opt-in (FACM_EXT_ATTN_BACKWARD=cudnn)."""
+    """cuDNN's attention backward; its lse layout is [B, H, Lq, 1] fp32. The default backward where available."""
     seed = torch.empty((), dtype=torch.int64, device=q.device)
     q, k, v, o = (t.contiguous() for t in (q, k, v, o))
     dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
