@@ -47,9 +47,13 @@ const float* channel_vector(const std::optional<at::Tensor>& t, const char* name
   if (!t.has_value()) return nullptr;
   TORCH_CHECK(t->is_cuda() && t->device() == x.device(), "norm_modulate_jvp_cuda: ", name,
               " must be on the device of x (", x.device(), "), got ", t->device());
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(2) && t->is_contiguous() && t->scalar_type() == at::kFloat,
-              "norm_modulate_jvp_cuda: ", name, " must be a contiguous float32 tensor of shape [", x.size(2),
-              "], got ", t->scalar_type(), " ", facm_ext::dims_str(t->sizes()));
+  // One condition per check with plain-string messages: the combined check crashed the process (SIGSEGV) while
+  // building its message on torch 2.11.
+  const std::string what = std::string("norm_modulate_jvp_cuda: ") + name +
+                           " must be a contiguous float32 tensor of shape [" + std::to_string(x.size(2)) + "]";
+  TORCH_CHECK(t->scalar_type() == at::kFloat, what, ", got dtype ", std::string(c10::toString(t->scalar_type())));
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(2), what, ", got shape ", facm_ext::dims_str(t->sizes()));
+  TORCH_CHECK(t->is_contiguous(), what, ", got a non-contiguous tensor");
   return t->data_ptr<float>();
 }
 
