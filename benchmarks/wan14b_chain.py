@@ -20,7 +20,12 @@ What one run does (all ranks in lockstep; every decision is made on rank 0 and b
    block's plain forward with grad and backpropagates through it (reentrant checkpointing). The recompute happens
    after FSDP's pre-backward hook has all-gathered the block for its backward, so it costs no extra all-gather; the
    gradients are those of the plain forward at the same input. A verify phase compares them with the
-   non-checkpointed chain (the smoke run also against an unsharded single-process reference);
+   non-checkpointed chain (the smoke run also against an unsharded single-process reference). On cards under
+   100 GiB the block inputs (tokens x dim fp32 each) also wait for backward in pinned host memory.
+   Why not ``torch.utils.checkpoint`` around the block: the non-reentrant variant raises CheckpointError
+   ("Recomputed values ... have different metadata"), since the fused forward saves other tensors than the plain
+   recompute; the reentrant one gave correct gradients on one process (tiny Wan, CPU) but saves the dual inputs,
+   keeping their tangents alive until backward. facm_ext.chain itself has no checkpointing option;
 4. searches the token count: probes the checkpointed step's peak memory at two small sizes, predicts the peak of
    each ``--tokens`` candidate from the linear fit, and tries the candidates from the largest predicted to fit
    downwards, catching ``torch.cuda.OutOfMemoryError`` per attempt (all ranks agree through an all_reduce of a
