@@ -28,11 +28,18 @@ def _free_port() -> int:
 
 
 def _load_script_module():
+    """The script as a module, without letting its environment defaults (NCCL, allocator settings for the run it
+    was written for) leak into this test session."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("wan14b_chain", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    saved = dict(os.environ)
+    try:
+        spec = importlib.util.spec_from_file_location("wan14b_chain", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     return module
 
 
