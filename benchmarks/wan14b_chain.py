@@ -26,7 +26,7 @@ What one run does (all ranks in lockstep; every decision is made on rank 0 and b
    ("Recomputed values ... have different metadata"), since the fused forward saves other tensors than the plain
    recompute; the reentrant one gave correct gradients on one process (tiny Wan, CPU) but saves the dual inputs,
    keeping their tangents alive until backward. facm_ext.chain itself has no checkpointing option;
-4. searches the token count: probes the checkpointed step's peak memory at two small sizes, predicts the peak of
+4. searches the token count: measures the step's peak memory at two small sizes, predicts the peak of
    each ``--tokens`` candidate from the linear fit, and tries the candidates from the largest predicted to fit
    downwards, catching ``torch.cuda.OutOfMemoryError`` per attempt (all ranks agree through an all_reduce of a
    success flag; after a failure the model is rebuilt so no FSDP state survives);
@@ -511,7 +511,7 @@ def verify_phase(model: WanModel, config: dict, args, rt: Runtime, results: dict
                   finite=plain["finite"] and checkpointed["finite"], offload=args.offload,
                   recomputes_per_step=recomputes, blocks=len(model.blocks),
                   no_checkpoint_step_ms=plain["step_ms"], checkpoint_step_ms=checkpointed["step_ms"],
-                  checkpoint_peak=max(rt.gather(checkpointed["peak"])))
+                  checkpoint_peak=max(rt.gather(checkpointed["peak"])), plain_peak=max(rt.gather(plain["peak"])))
     if reference is not None:
         ckpt_ref = full_grads_rel(model, reference)
         verify["vs_unsharded_reference"] = dict(
@@ -534,17 +534,17 @@ def predict_peaks(model, config, args, rt: Runtime, results: dict) -> dict:
     -> linear fit -> predicted peak per candidate."""
     if not rt.cuda:
         return {}
-    points = []
     verify = results["verify"]
-    if args.checkpoint == "on":
-        points.append((verify["tokens"], verify["checkpoint_peak"]))
-    for tokens in args.probe_tokens[len(points):]:
+    # The verify phase ran this configuration once already; without checkpointing the second size stays small (a
+    # 40-block model keeps about 0.5 MB per token and block then).
+    points = [(verify["tokens"], verify["checkpoint_peak" if args.checkpoint == "on" else "plain_peak"])]
+    for tokens in (args.probe_tokens if args.checkpoint == "on" else (2 * verify["tokens"],)):
         inputs = make_inputs(config, tokens, rt.device, args.seed)
         step = run_step(model, inputs, rt)
         points.append((tokens, max(rt.gather(step["peak"]))))
         del step, inputs
         rt.free()
-    (t0, p0), (t1, p1) = points[-2:]
+    (t0, p0), (t1, p1) = points
     slope = (p1 - p0) / (t1 - t0)
     capacity = torch.cuda.get_device_properties(rt.device).total_memory
     predicted = {tokens: p0 + slope * (tokens - t0) for tokens in args.tokens}
@@ -864,7 +864,7 @@ def parse_args(argv=None):
     args.compute_dtype = torch.float32 if args.smoke else torch.bfloat16
     args.budget_s = args.budget_s or (120.0 if args.smoke else 400.0)
     args.verify_tokens = 16 if args.smoke else 512
-    args.probe_tokens = (2048, 4096)  # the first is replaced by the verify phase's size when it checkpoints
+    args.probe_tokens = (4096,)  # with the verify phase's size: two points for the memory prediction
     if args.smoke and args.simulate_oom_above is None:
         args.simulate_oom_above = 32
     if args.prefetch < 0:
