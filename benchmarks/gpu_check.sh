@@ -44,11 +44,14 @@ if has_stage tests; then
   [ $rc -ne 0 ] && grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
 fi
 
+# The CUDA C++ kernels' small-shape GPU tests (one dtype, every size/layout/alignment case) under compute-sanitizer.
+DEFAULT_SANITIZE_FILTER="dtype1 and (cuda_kernel_matches_reference or cuda_kernel_misaligned or cuda_activations or cuda_gated_residual or cuda_swiglu or test_cuda_rope) and not large"
+
 if has_stage sanitize; then
-  # Small-shape GPU tests under memcheck, and racecheck for the kernels that use shared memory.
+  # memcheck for every kernel, racecheck for the shared-memory reductions and row staging of the norm kernel.
   for tool in memcheck racecheck; do
     FACM_EXT_SANITIZE=1 compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
-      python3 -m pytest python_tests -q -x -p no:cacheprovider -m gpu -k "${SANITIZE_FILTER:-not large and not bench}" \
+      python3 -m pytest python_tests -q -x -p no:cacheprovider -m gpu -k "${SANITIZE_FILTER:-$DEFAULT_SANITIZE_FILTER}" \
       > "$OUT/sanitize_$tool.log" 2>&1
     rc=$?
     errors=$(grep -E "ERROR SUMMARY: [0-9]+" "$OUT/sanitize_$tool.log" | awk '{s+=$4} END {print s+0}')
