@@ -47,8 +47,8 @@ const float* channel_vector(const std::optional<at::Tensor>& t, const char* name
   if (!t.has_value()) return nullptr;
   TORCH_CHECK(t->is_cuda() && t->device() == x.device(), "norm_modulate_jvp_cuda: ", name,
               " must be on the device of x (", x.device(), "), got ", t->device());
-  // One condition per check with plain-string messages: the combined check crashed the process (SIGSEGV) while
-  // building its message on torch 2.11.
+  // Messages carry numbers as strings (std::to_string, facm_ext::dims_str): on torch 2.11 a failed TORCH_CHECK whose
+  // message streamed an integer crashed the process (SIGSEGV) instead of raising.
   const std::string what = std::string("norm_modulate_jvp_cuda: ") + name +
                            " must be a contiguous float32 tensor of shape [" + std::to_string(x.size(2)) + "]";
   TORCH_CHECK(t->scalar_type() == at::kFloat, what, ", got dtype ", std::string(c10::toString(t->scalar_type())));
@@ -68,8 +68,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_modulate_jvp_cud
   TORCH_CHECK(x.size(2) <= 1 || x.stride(2) == 1,
               "norm_modulate_jvp_cuda: x must be contiguous in its last dim, got strides ", facm_ext::dims_str(x.strides()));
   TORCH_CHECK(norm >= 0 && norm <= 2, "norm_modulate_jvp_cuda: norm must be 0 (none), 1 (layer) or 2 (rms), got ",
-              norm);
-  TORCH_CHECK(eps >= 0.0, "norm_modulate_jvp_cuda: eps must be >= 0, got ", eps);
+              std::to_string(norm));
+  TORCH_CHECK(eps >= 0.0, "norm_modulate_jvp_cuda: eps must be >= 0, got ", std::to_string(eps));
   TORCH_CHECK(norm != 0 || (!weight.has_value() && !bias.has_value()),
               "norm_modulate_jvp_cuda: weight and bias need a norm (norm = 1 or 2)");
   TORCH_CHECK(norm != 2 || !bias.has_value(), "norm_modulate_jvp_cuda: RMSNorm takes no bias");
@@ -124,8 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_modulate_jvp_cud
   p.mean = norm == 1 ? mean.data_ptr<float>() : nullptr;
   p.rstd = norm != 0 ? rstd.data_ptr<float>() : nullptr;
 
-  TORCH_CHECK(p.channels <= max_channels(p), "norm_modulate_jvp_cuda: C = ", p.channels,
-              " exceeds the kernel's limit of ", max_channels(p),
+  TORCH_CHECK(p.channels <= max_channels(p), "norm_modulate_jvp_cuda: C = ", std::to_string(p.channels),
+              " exceeds the kernel's limit of ", std::to_string(max_channels(p)),
               " channels for these inputs (use the PyTorch path: facm_ext.ops.norms)");
   const cudaError_t err = launch_norm_jvp(p, c10::cuda::getCurrentCUDAStream(x.get_device()).stream());
   TORCH_CHECK(err == cudaSuccess, "norm_modulate_jvp_cuda: kernel launch failed: ", cudaGetErrorString(err));

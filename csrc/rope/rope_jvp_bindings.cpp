@@ -52,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor> rope_jvp_cuda(const at::Tensor& x, const std:
   const DType dtype = kernel_dtype(x, "x");
   const int64_t batches = x.size(0), heads = tokens_first ? x.size(2) : x.size(1);
   const int64_t tokens = tokens_first ? x.size(1) : x.size(2), head_dim = x.size(3);
-  TORCH_CHECK(head_dim % 2 == 0, kOp, ": head_dim (x's last dim) must be even, got ", head_dim);
+  TORCH_CHECK(head_dim % 2 == 0, kOp, ": head_dim (x's last dim) must be even, got ", std::to_string(head_dim));
   if (tx.has_value()) {
     TORCH_CHECK(tx->sizes() == x.sizes() && tx->scalar_type() == x.scalar_type() && tx->device() == x.device(), kOp,
                 ": tx must match x's shape, dtype and device");
@@ -63,7 +63,8 @@ std::tuple<at::Tensor, at::Tensor> rope_jvp_cuda(const at::Tensor& x, const std:
               x.device());
   TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == tokens &&
                   (cos.size(1) == head_dim || cos.size(1) == head_dim / 2),
-              kOp, ": cos and sin must both be [L, D] or [L, D/2] with L = ", tokens, ", D = ", head_dim, "; got ",
+              kOp, ": cos and sin must both be [L, D] or [L, D/2] with L = ", std::to_string(tokens), ", D = ",
+              std::to_string(head_dim), "; got ",
               facm_ext::dims_str(cos.sizes()), " and ", facm_ext::dims_str(sin.sizes()));
   at::Tensor cos_c = cos, sin_c = sin;
   if (cos.stride(1) != 1 || sin.stride(1) != 1 || cos.stride(0) != sin.stride(0)) {
