@@ -372,13 +372,24 @@ def test_facm_loss_bf16_autocast_on_gpu_fused_vs_official_path():
     x, noise = (torch.randn(16, 4, 8, 8, generator=g).cuda() for _ in range(2))
     y = torch.randint(0, NUM_CLASSES, (16,), generator=g).cuda()
     t = facm.sample_t(16, generator=g).cuda()
-    results = []
-    for jvp_fn in (facm.torch_func_jvp, fused.jvp):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = facm.facm_loss(model, x, y, t=t, noise=noise, teacher=teacher, null_class=NULL, jvp_fn=jvp_fn)
-        grads = torch.cat([g.flatten() for g in _grads(model, out["loss"])])
-        results.append((out, grads))
-    (ref, ref_grads), (got, got_grads) = results
+    def run(jvp_fn, net, net_teacher, tensors, autocast):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = facm.facm_loss(net, tensors[0], y, t=tensors[1], noise=tensors[2], teacher=net_teacher,
+                                 null_class=NULL, jvp_fn=jvp_fn)
+        return out, torch.cat([g.flatten().double() for g in _grads(net, out["loss"])])
+
+    got, got_grads = run(fused.jvp, model, teacher, (x, t, noise), True)
+    try:
+        ref, ref_grads = run(facm.torch_func_jvp, model, teacher, (x, t, noise), True)
+    except RuntimeError as exc:
+        # The official path (torch.func.jvp with grad, math attention) fails under bf16 autocast on torch 2.11 CUDA
+        # in softmax's backward ("expected input and grad types to match"); compare with it in float64 instead.
+        if "expected input and grad types to match" not in str(exc):
+            raise
+        import copy
+
+        model64, teacher64 = copy.deepcopy(model).double(), copy.deepcopy(teacher).double()
+        ref, ref_grads = run(facm.torch_func_jvp, model64, teacher64, (x.double(), t.double(), noise.double()), False)
     for key in ("loss", "cm", "fm"):
         assert abs(got[key].item() - ref[key].item()) <= 3e-2 * abs(ref[key].item()) + 1e-6, key
     cosine = torch.nn.functional.cosine_similarity(got_grads.double(), ref_grads.double(), dim=0).item()

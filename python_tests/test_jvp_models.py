@@ -186,7 +186,14 @@ def _gpu_errors(name: str, *, bf16_params: bool, padded: bool = False):
         out, tout = facm_ext.jvp(func, primals, tangents)
         grads = torch.autograd.grad(loss_of(out.float()), list(model.parameters()), allow_unused=True)
         base, tbase = reference_jvp(func, primals, tangents)
-        grads_base = torch.autograd.grad(loss_of(base.float()), list(model.parameters()), allow_unused=True)
+        try:
+            grads_base = torch.autograd.grad(loss_of(base.float()), list(model.parameters()), allow_unused=True)
+        except RuntimeError as exc:
+            # torch.func.jvp with grad under bf16 autocast (math attention) fails in softmax's backward on torch 2.11
+            # CUDA ("expected input and grad types to match"): no baseline gradient, ours must meet the bf16 tolerance.
+            if "expected input and grad types to match" not in str(exc):
+                raise
+            grads_base = [None] * len(grads)
     assert tout.dtype == out.dtype
     errors = {
         "primal": (rel_err(out, ref), rel_err(base, ref)),
@@ -194,7 +201,7 @@ def _gpu_errors(name: str, *, bf16_params: bool, padded: bool = False):
     }
     for (pname, _), g, gb, gr in zip(model.named_parameters(), grads, grads_base, grads_ref):
         if gr is not None and gr.abs().max() > 0:
-            errors[f"grad {pname}"] = (rel_err(g, gr), rel_err(gb, gr))
+            errors[f"grad {pname}"] = (rel_err(g, gr), rel_err(gb, gr) if gb is not None else 0.0)
     return errors
 
 
