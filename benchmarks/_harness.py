@@ -79,6 +79,7 @@ def record(group: str, case: str, impl: str, ms: float, *, bytes_moved: float | 
         row["TFLOP/s"] = tflops
         row["%mm"] = 100 * tflops / matmul_tflops()
     RESULTS.append(row)
+    write_results()  # after every row, so a run cut short by a time limit still leaves its numbers
     return row
 
 
