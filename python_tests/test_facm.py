@@ -394,3 +394,31 @@ def test_facm_loss_bf16_autocast_on_gpu_fused_vs_official_path():
         assert abs(got[key].item() - ref[key].item()) <= 3e-2 * abs(ref[key].item()) + 1e-6, key
     cosine = torch.nn.functional.cosine_similarity(got_grads.double(), ref_grads.double(), dim=0).item()
     assert cosine > 0.99, cosine
+
+
+def test_torch_func_jvp_is_the_official_unfused_path():
+    """facm.torch_func_jvp (unfused attention, as the reference code's disable_fused_attn) equals torch.func.jvp
+    with SDPA's math backend, and restores F.scaled_dot_product_attention, also after an error."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from facm_ext.models import LightningDiT
+
+    torch.manual_seed(0)
+    model = LightningDiT(input_size=4, in_channels=2, hidden_size=32, depth=2, num_heads=2,
+                         num_classes=NUM_CLASSES).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    x, v = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    t, y = torch.rand(3, dtype=torch.float64), torch.tensor([0, 1, 2])
+    func = lambda a, b: model(a, b, y)  # noqa: E731
+    original = torch.nn.functional.scaled_dot_product_attention
+    out, tangent = facm.torch_func_jvp(func, (x, t), (v, torch.ones_like(t)))
+    with sdpa_kernel(SDPBackend.MATH):
+        ref, ref_tangent = torch.func.jvp(func, (x, t), (v, torch.ones_like(t)))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tangent, ref_tangent, rtol=1e-12, atol=1e-12)
+    assert torch.nn.functional.scaled_dot_product_attention is original
+    with pytest.raises(ValueError, match="x: expected"):
+        facm.torch_func_jvp(lambda a, b: model(a[:, :1], b, y), (x, t), (v, torch.ones_like(t)))
+    assert torch.nn.functional.scaled_dot_product_attention is original

@@ -60,13 +60,33 @@ def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def torch_func_jvp(func, primals, tangents):
-    """``torch.func.jvp`` with scaled-dot-product attention forced to the math backend, the only SDPA backend with
-    a forward-mode rule (the official FACM code path: eager, unfused attention). Same signature and results."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def _unfused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    """The reference code's attention with ``fused_attn`` off: ``softmax(q * scale @ k^T) @ v`` in plain ops.
+    Masked, causal, dropout or GQA calls go to SDPA's math backend instead."""
+    if attn_mask is not None or dropout_p or is_causal or kwargs.get("enable_gqa"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH):
+            return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                         scale=scale, **kwargs)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    attn = (query * scale) @ key.transpose(-2, -1)
+    return attn.softmax(dim=-1) @ value
+
+
+_SDPA = F.scaled_dot_product_attention
+
+
+def torch_func_jvp(func, primals, tangents):
+    """``torch.func.jvp`` as the reference FACM code runs it: eager, with attention unfused
+    (``model.disable_fused_attn()``: ``softmax(q k^T * scale) @ v`` in plain ops; no SDPA backend but math has a
+    forward-mode rule, and under bf16 autocast the softmax then runs in float32 as in the reference). Same signature
+    and results as ``torch.func.jvp``; ``F.scaled_dot_product_attention`` is swapped only during the call."""
+    F.scaled_dot_product_attention = _unfused_attention
+    try:
         return torch.func.jvp(func, primals, tangents)
+    finally:
+        F.scaled_dot_product_attention = _SDPA
 
 
 def _default_jvp() -> JvpFn:
