@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--time-std", type=float, default=1.6)
     g.add_argument("--jvp", choices=["fused", "torch"], default="fused",
                    help="fused: facm_ext.jvp; torch: torch.func.jvp with math attention (the official path)")
+    g.add_argument("--split-backward", action="store_true",
+                   help="backward of the FM part before the JVP pass (same gradients, lower peak memory)")
     g.add_argument("--teacher-from", default=None,
                    help="skip stage 1: teacher weights from a teacher.pt of an earlier run or an official "
                         "LightningDiT/FACM checkpoint (needs a matching --hidden-size/--depth/...)")
@@ -521,14 +523,16 @@ def train(args, out: Path, device, dist: Dist) -> TrainState:
                 losses = facm.facm_loss(state.model, x, y, t=t, noise=noise, teacher=state.teacher,
                                         cfg_scale=args.cfg_scale, guidance_interval=tuple(args.guidance_interval),
                                         null_class=null_class, p=args.p, fm_weight=args.fm_weight, jvp_fn=jvp_fn,
-                                        recompute_primal=recompute_primal)
+                                        recompute_primal=recompute_primal, backward=args.split_backward)
         loss = losses["loss"]
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {state.step}: loss is {loss.item()} ({ {k: float(v) for k, v in losses.items()} })")
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+            raise FloatingPointError(f"step {state.step}: loss is {loss.item()} "
+                                     f"({ {k: float(v) for k, v in losses.items()} })")
+        if in_stage1 or args.objective != "facm" or not args.split_backward:
+            loss.backward()  # with --split-backward, facm_loss ran the backward of each part itself
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), args.max_grad_norm)
         state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
         state.ema.update(state.model)
         state.step += 1
         progress.update(state.step - 1, total, {k: v.detach() for k, v in losses.items()}, args.batch)

@@ -422,3 +422,19 @@ def test_torch_func_jvp_is_the_official_unfused_path():
     with pytest.raises(ValueError, match="x: expected"):
         facm.torch_func_jvp(lambda a, b: model(a[:, :1], b, y), (x, t), (v, torch.ones_like(t)))
     assert torch.nn.functional.scaled_dot_product_attention is original
+
+
+@pytest.mark.parametrize("fm_weight", [1.0, 0.5, 0.0])
+def test_facm_loss_split_backward_gives_the_same_gradients(fm_weight):
+    torch.manual_seed(0)
+    model, teacher = ToyVelocityNet().double(), ToyVelocityNet().double()
+    x, y, t, noise = _batch()
+    kwargs = dict(t=t, noise=noise, teacher=teacher, null_class=NULL, fm_weight=fm_weight, jvp_fn=torch.func.jvp)
+    joint = facm.facm_loss(model, x, y, **kwargs)
+    want = _grads(model, joint["loss"])
+    model.zero_grad(set_to_none=True)
+    split = facm.facm_loss(model, x, y, backward=True, **kwargs)
+    assert not split["loss"].requires_grad
+    torch.testing.assert_close(split["loss"], joint["loss"].detach(), rtol=1e-14, atol=0)
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-12, atol=1e-15)

@@ -170,7 +170,7 @@ def test_distill_from_an_official_checkpoint(tmp_path):
     path = tmp_path / "official.pt"
     torch.save({"ema": _official_like_state(config, seed=5)}, path)
     results = run(tmp_path / "out", "--teacher-from", str(path), "--stage1-steps", "0", "--facm-steps", "2",
-                  "--fm-weight", "0", "--jvp", "torch")
+                  "--fm-weight", "0", "--jvp", "torch", "--split-backward")
     assert results["rows"][-1]["sampler"] == "FACM (fm_weight=0), 2-step"
     saved = ckpt.load_checkpoint(tmp_path / "out" / "checkpoints" / ckpt.checkpoint_name(2))
     for k, v in _official_like_state(config, seed=5).items():

@@ -199,7 +199,7 @@ def facm_loss(model, x: torch.Tensor, y: torch.Tensor, *, t: torch.Tensor, noise
               cfg_scale: float = 1.75, guidance_interval=(0.125, 1.0), null_class: int | None = None,
               p: float = 0.5, fm_weight: float = 1.0, adaptive_p: float = 0.5, adaptive_c: float = 1e-3,
               jvp_fn: JvpFn | None = None, recompute_primal: bool = False, velocity: torch.Tensor | None = None,
-              fm_model=None) -> dict:
+              fm_model=None, backward: bool = False) -> dict:
     """FACM loss for one batch. Returns ``dict(loss=scalar, cm=scalar, fm=scalar)`` (cm and fm are batch means;
     ``loss = cm + fm_weight * fm`` carries the gradient for ``model``'s parameters).
 
@@ -220,6 +220,10 @@ def facm_loss(model, x: torch.Tensor, y: torch.Tensor, *, t: torch.Tensor, noise
       velocity: precomputed target velocity ``[B, C, H, W]`` (skips :func:`teacher_velocity`; benchmarks).
       fm_model: the callable for the FM forward (default ``model``), e.g. ``torch.compile(model)``: the same
         parameters through a compiled forward, as the reference trainer does.
+      backward: run the backward of each part as soon as it is computed (FM part before the JVP pass, then the CM
+        part), accumulating into ``.grad``: the same gradients as ``loss.backward()``, but the FM forward's
+        activations are freed before the JVP pass allocates its own, so peak memory is the larger of the two
+        instead of their sum. The returned values are then detached (call no further backward).
 
     Formulas (t broadcast per sample over C, H, W):
       x_t = t x + (1 - t) noise;  v = teacher_velocity(...)
@@ -255,6 +259,9 @@ def facm_loss(model, x: torch.Tensor, y: torch.Tensor, *, t: torch.Tensor, noise
     # FM anchor at the expanded condition 2 - t; its target is the velocity at the original t.
     if fm_weight > 0:
         fm = flow_matching_loss((fm_model or model)(x_t, 2 - t, y), v)
+        if backward:
+            (fm_weight * fm.mean()).backward()
+            fm = fm.detach()
     else:
         fm = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
 
@@ -276,6 +283,9 @@ def facm_loss(model, x: torch.Tensor, y: torch.Tensor, *, t: torch.Tensor, noise
     target = F_sg - alpha * gap.clamp(min=-1, max=1)
     beta = torch.cos(t * (math.pi / 2))
     cm = adaptive_l2(F_cm, target, p=adaptive_p, c=adaptive_c) * beta
+    if backward:
+        cm.mean().backward()
+        cm = cm.detach()
 
     cm_mean, fm_mean = cm.mean(), fm.mean()
     return {"loss": cm_mean + fm_weight * fm_mean, "cm": cm_mean, "fm": fm_mean}
