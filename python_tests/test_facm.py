@@ -438,3 +438,29 @@ def test_facm_loss_split_backward_gives_the_same_gradients(fm_weight):
     torch.testing.assert_close(split["loss"], joint["loss"].detach(), rtol=1e-14, atol=0)
     for p, w in zip(model.parameters(), want):
         torch.testing.assert_close(p.grad, w, rtol=1e-12, atol=1e-15)
+
+
+def test_facm_loss_accepts_a_compiled_fm_model():
+    """A torch.compile'd module has no truth value (OptimizedModule.__len__ raises): fm_model must be tested
+    against None, never by truthiness."""
+
+    class Unsized(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            return self.inner(*args)
+
+        def __len__(self):
+            raise TypeError("no len()")
+
+    from facm_ext.models import LightningDiT
+
+    torch.manual_seed(0)
+    model = LightningDiT(input_size=8, in_channels=4, hidden_size=48, depth=1, num_heads=2, num_classes=NUM_CLASSES)
+    x, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    y, t = torch.tensor([0, 1]), torch.tensor([0.3, 0.8])
+    out = facm.facm_loss(model, x, y, t=t, noise=noise, null_class=NULL, fm_model=Unsized(model),
+                         jvp_fn=facm.torch_func_jvp)
+    assert torch.isfinite(out["loss"])

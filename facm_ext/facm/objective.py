@@ -258,7 +258,7 @@ def facm_loss(model, x: torch.Tensor, y: torch.Tensor, *, t: torch.Tensor, noise
 
     # FM anchor at the expanded condition 2 - t; its target is the velocity at the original t.
     if fm_weight > 0:
-        fm = flow_matching_loss((fm_model or model)(x_t, 2 - t, y), v)
+        fm = flow_matching_loss((fm_model if fm_model is not None else model)(x_t, 2 - t, y), v)
         if backward:
             (fm_weight * fm.mean()).backward()
             fm = fm.detach()
