@@ -190,24 +190,26 @@ def test_bench_jvp_lightningdit_xl(benchmark, batch):
     _record_fusion(case, func, (x, t), (v, one))
     fwd_ms, _ = _measure(case, "plain forward, no grad", plain_forward, flops=fwd_flops)
     fb_ms, fb_peak = _measure(case, "plain forward + backward", plain_forward_backward, flops=3 * fwd_flops)
-    compiled_ms, _ = _measure(case, "torch.compile(torch.func.jvp), math SDPA, no grad", compiled_no_grad,
-                              flops=jvp_flops)
-    _measure(case, "torch.compile(torch.func.jvp) with grad + backward", compiled_grad_backward,
-             flops=jvp_flops + 2 * fwd_flops)
-    _measure(case, "torch.func.jvp eager, math SDPA, no grad", torch_func_no_grad, flops=jvp_flops)
-    _measure(case, "torch.func.jvp eager, math SDPA, with grad + backward (official FACM)",
-             torch_func_grad_backward, flops=jvp_flops + 2 * fwd_flops)
-
+    # Ours before the baselines: compiling torch.func.jvp of the XL model takes minutes, and a run cut short by a
+    # time limit must still have measured the library.
     ours_ms, _ = _measure(case, "facm_ext.jvp, no grad", ours_no_grad, flops=jvp_flops, benchmark=benchmark,
                           note="")
-    if ours_ms == ours_ms and compiled_ms == compiled_ms:
-        _harness.RESULTS[-1]["note"] = (f"{ours_ms / compiled_ms:.2f}x compiled torch.func.jvp (target <= 1), "
-                                        f"{ours_ms / fwd_ms:.2f}x plain forward")
+    ours_row = _harness.RESULTS[-1]
     grad_ms, grad_peak = _measure(case, "facm_ext.jvp with grad + backward", ours_grad_backward,
                                   flops=jvp_flops + 2 * fwd_flops)
     if grad_ms == grad_ms and fb_ms == fb_ms and fb_peak > 0:
         _harness.RESULTS[-1]["note"] = (f"{grad_ms / fb_ms:.2f}x time (target <= 1.6), "
                                         f"{grad_peak / fb_peak:.2f}x peak memory (target <= 1.3) of plain fwd+bwd")
+    _measure(case, "torch.func.jvp eager, math SDPA, no grad", torch_func_no_grad, flops=jvp_flops)
+    _measure(case, "torch.func.jvp eager, math SDPA, with grad + backward (official FACM)",
+             torch_func_grad_backward, flops=jvp_flops + 2 * fwd_flops)
+    compiled_ms, _ = _measure(case, "torch.compile(torch.func.jvp), math SDPA, no grad", compiled_no_grad,
+                              flops=jvp_flops)
+    if ours_ms == ours_ms and compiled_ms == compiled_ms:
+        ours_row["note"] = (f"{ours_ms / compiled_ms:.2f}x compiled torch.func.jvp (target <= 1), "
+                            f"{ours_ms / fwd_ms:.2f}x plain forward")
+    _measure(case, "torch.compile(torch.func.jvp) with grad + backward", compiled_grad_backward,
+             flops=jvp_flops + 2 * fwd_flops)
 
 
 # ------------------------------------------------------------------------------------------------ Wan block
