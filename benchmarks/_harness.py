@@ -30,6 +30,16 @@ def median_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def timed_ms(benchmark, fn) -> float:
+    """Give pytest-benchmark a synchronized run of fn (its own statistics), return the do_bench median in ms."""
+    def synced():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(synced, rounds=5, warmup_rounds=2)
+    return median_ms(fn)
+
+
 def peak_extra_memory_gib(fn) -> float:
     """Peak memory allocated during one call of fn beyond what was allocated before it, in GiB."""
     torch.cuda.synchronize()
@@ -81,6 +91,22 @@ def record(group: str, case: str, impl: str, ms: float, *, bytes_moved: float | 
     RESULTS.append(row)
     write_results()  # after every row, so a run cut short by a time limit still leaves its numbers
     return row
+
+
+def record_alternatives(group: str, case: str, alternatives: dict, ours_ms: float, *, ours_label: str = "ours",
+                        bytes_moved: float | None = None, flops: float | None = None) -> None:
+    """Time each baseline ``{impl: fn}`` and record it with how many times faster ours is; a baseline that fails
+    (out of memory, no forward AD, a compile error) is recorded as a row saying so, since that is the result."""
+    for impl, fn in alternatives.items():
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - an alternative failing is itself the result to report
+            record(group, case, impl, float("nan"),
+                   note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+            continue
+        ms = median_ms(fn)
+        record(group, case, impl, ms, bytes_moved=bytes_moved, flops=flops, peak_gib=peak_extra_memory_gib(fn),
+               note=f"{ours_label} {ms / ours_ms:.2f}x faster")
 
 
 def format_table(rows: list[dict]) -> str:

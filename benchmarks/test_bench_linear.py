@@ -39,15 +39,6 @@ def _make(m, k, n):
     return rand(m, k), rand(m, k), rand(n, k, scale=k ** -0.5), rand(n)
 
 
-def _timed(benchmark, fn):
-    def synced():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(synced, rounds=5, warmup_rounds=2)
-    return _harness.median_ms(fn)
-
-
 def _two_gemms(x, tx, weight, bias):
     return F.linear(x, weight, bias), F.linear(tx, weight)
 
@@ -78,7 +69,7 @@ def test_bench_linear_jvp(benchmark, case, monkeypatch):
     with torch.no_grad():
         ours = functools.partial(linear_jvp, x, tx, weight, bias)
         ours()
-        ms_ours = _timed(benchmark, ours)
+        ms_ours = _harness.timed_ms(benchmark, ours)
         _harness.record(group, case, "facm_ext linear_jvp (default: 2 cuBLAS GEMMs)", ms_ours, flops=flops,
                         peak_gib=_harness.peak_extra_memory_gib(ours))
 
@@ -111,16 +102,7 @@ def test_bench_linear_jvp(benchmark, case, monkeypatch):
         }
         compiled_jvp = torch.compile(_func_jvp, fullgraph=True, dynamic=False)
         alternatives["torch.compile(torch.func.jvp(F.linear))"] = functools.partial(compiled_jvp, x, tx, weight, bias)
-        for impl, fn in alternatives.items():
-            try:
-                fn()
-            except Exception as exc:  # noqa: BLE001 - an alternative failing is itself the result to report
-                _harness.record(group, case, impl, float("nan"),
-                                note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
-                continue
-            ms = _harness.median_ms(fn)
-            _harness.record(group, case, impl, ms, flops=flops, peak_gib=_harness.peak_extra_memory_gib(fn),
-                            note=f"default {ms / ms_ours:.2f}x faster")
+        _harness.record_alternatives(group, case, alternatives, ms_ours, ours_label="default", flops=flops)
 
         primal = functools.partial(F.linear, x, weight, bias)
         primal()

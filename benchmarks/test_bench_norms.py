@@ -111,15 +111,6 @@ def _rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def _timed(benchmark, fn) -> float:
-    def synced():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(synced, rounds=5, warmup_rounds=2)
-    return _harness.median_ms(fn)
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_bench_norms(benchmark, case):
     _harness.require_cuda()
@@ -137,7 +128,7 @@ def test_bench_norms(benchmark, case):
         ref_y, ref_ty = ref_fn()
         err = max(_rel(y, ref_y), _rel(ty, ref_ty))
         del y, ty, ref_y, ref_ty
-        ms_ours = _timed(benchmark, ours)
+        ms_ours = _harness.timed_ms(benchmark, ours)
         _harness.record(group, case, f"facm_ext ({backend})", ms_ours, bytes_moved=bytes_moved,
                         peak_gib=_harness.peak_extra_memory_gib(ours),
                         note=f"rel. diff vs eager jvp {err:.1e}")
@@ -156,13 +147,4 @@ def test_bench_norms(benchmark, case):
             "torch.func.jvp(reference) eager": ref_fn,
             "torch.compile(torch.func.jvp(reference))": functools.partial(compiled, i),
         }
-        for impl, fn in alternatives.items():
-            try:
-                fn()
-            except Exception as exc:  # noqa: BLE001 - an alternative failing is itself the result to report
-                _harness.record(group, case, impl, float("nan"),
-                                note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
-                continue
-            ms = _harness.median_ms(fn)
-            _harness.record(group, case, impl, ms, bytes_moved=bytes_moved,
-                            peak_gib=_harness.peak_extra_memory_gib(fn), note=f"ours {ms / ms_ours:.2f}x faster")
+        _harness.record_alternatives(group, case, alternatives, ms_ours, ours_label="ours", bytes_moved=bytes_moved)

@@ -75,15 +75,6 @@ CASES = {
 }
 
 
-def _timed(benchmark, fn):
-    def synced():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(synced, rounds=5, warmup_rounds=2)
-    return _harness.median_ms(fn)
-
-
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -98,7 +89,7 @@ def test_bench_pointwise_jvp(benchmark, case):
         ref_out, ref_tout = eager()
         err = max(_rel(out, ref_out), _rel(tout, ref_tout.to(tout.dtype)))
         del out, tout, ref_out, ref_tout
-        ms_ours = _timed(benchmark, ours)
+        ms_ours = _harness.timed_ms(benchmark, ours)
         _harness.record(group, case, "facm_ext (CUDA kernel)", ms_ours, bytes_moved=moved,
                         peak_gib=_harness.peak_extra_memory_gib(ours), note=f"rel. diff vs eager jvp {err:.1e}")
 
@@ -111,13 +102,4 @@ def test_bench_pointwise_jvp(benchmark, case):
             "torch.func.jvp(reference) eager": eager,
             "torch.compile(torch.func.jvp(reference))": functools.partial(compiled, *primals, *tangents),
         }
-        for impl, alt in alternatives.items():
-            try:
-                alt()
-            except Exception as exc:  # noqa: BLE001 - an alternative failing is itself the result to report
-                _harness.record(group, case, impl, float("nan"),
-                                note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
-                continue
-            ms = _harness.median_ms(alt)
-            _harness.record(group, case, impl, ms, bytes_moved=moved, peak_gib=_harness.peak_extra_memory_gib(alt),
-                            note=f"ours {ms / ms_ours:.2f}x faster")
+        _harness.record_alternatives(group, case, alternatives, ms_ours, ours_label="ours", bytes_moved=moved)

@@ -1,0 +1,49 @@
+"""The benchmark harness's bookkeeping (CPU): rows, ratios, failures recorded as results, JSON written per row."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import _harness  # noqa: E402
+
+
+@pytest.fixture
+def harness(monkeypatch, tmp_path):
+    monkeypatch.setattr(_harness, "RESULTS", [])
+    monkeypatch.setattr(_harness, "median_ms", lambda fn, **kw: 2.0)
+    monkeypatch.setattr(_harness, "peak_extra_memory_gib", lambda fn: 0.5)
+    monkeypatch.setattr(_harness, "copy_bandwidth_gbs", lambda: 1000.0)
+    monkeypatch.setattr(_harness, "matmul_tflops", lambda: 100.0)
+    monkeypatch.setenv("FACM_EXT_BENCH_JSON", str(tmp_path / "bench.json"))
+    return tmp_path / "bench.json"
+
+
+def test_record_alternatives_times_baselines_and_records_failures(harness):
+    calls = []
+
+    def failing():
+        raise RuntimeError("out of memory\nsecond line")
+
+    _harness.record_alternatives("g", "case", {"fast": lambda: calls.append(1), "broken": failing}, 1.0,
+                                 ours_label="ours", bytes_moved=4e9)
+    fast, broken = _harness.RESULTS
+    assert calls == [1]
+    assert fast["impl"] == "fast" and fast["ms"] == 2.0 and fast["note"] == "ours 2.00x faster"
+    assert fast["GB/s"] == pytest.approx(2000.0) and fast["%copy"] == pytest.approx(200.0)
+    assert fast["peak_gib"] == 0.5
+    assert broken["impl"] == "broken" and math.isnan(broken["ms"])
+    assert broken["note"] == "failed: RuntimeError: out of memory"
+    rows = json.loads(harness.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["fast", "broken"]
+
+
+def test_flops_rows_report_tflops(harness):
+    row = _harness.record("g", "case", "ours", 10.0, flops=5e11)
+    assert row["TFLOP/s"] == pytest.approx(50.0) and row["%mm"] == pytest.approx(50.0)
+    assert "| ours |" in _harness.format_table(_harness.RESULTS)
