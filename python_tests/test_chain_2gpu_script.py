@@ -1,0 +1,32 @@
+"""benchmarks/chain_2gpu.py --smoke: the 2-GPU Chain-JVP benchmark runs end to end on 2 CPU processes (gloo)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_chain_2gpu_smoke_reports_every_mode():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), str(ROOT / "benchmarks" / "chain_2gpu.py"), "--smoke"]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for mode in ("tangent", "grad", "hybrid"):
+        rows = re.findall(rf"^\| {mode} \|.*$", out, flags=re.MULTILINE)
+        assert rows, f"no {mode} row in:\n{out[-3000:]}"
+        # the last column is the most blocks gathered at once: never more than 1 + prefetch (prefetch 1)
+        assert all(int(row.rstrip(" |").rsplit("|", 1)[-1]) <= 2 for row in rows), rows
