@@ -42,6 +42,15 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     return view
 
 
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """The same values as ``t`` in a view whose data pointer is one element past a 16-byte boundary (defeats the
+    kernels' 16-byte vector path)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

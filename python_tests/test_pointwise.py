@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import REL_TOL, assert_rel_close, noncontiguous, requires_cuda
+from conftest import assert_rel_close, misaligned, noncontiguous, REL_TOL, requires_cuda
 from facm_ext import _extension
 from facm_ext.ops import gated_residual_jvp, gelu_jvp, silu_jvp, swiglu_jvp
 from facm_ext.ops._common import OP_REGISTRY
@@ -304,14 +304,6 @@ def test_bad_inputs_raise_value_error():
 
 
 # -------------------------------------------------------------------------------------------------------------- GPU
-def misaligned(t: torch.Tensor) -> torch.Tensor:
-    """The same values in a view whose data pointer is one element past a 16-byte boundary."""
-    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-    view = buf[1:].view(t.shape)
-    view.copy_(t)
-    return view
-
-
 @requires_cuda
 def test_cuda_kernels_built():
     for name in ("gelu_jvp_cuda", "silu_jvp_cuda", "swiglu_jvp_cuda", "gated_residual_jvp_cuda"):

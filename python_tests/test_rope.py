@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_rel_close, noncontiguous, requires_cuda
+from conftest import assert_rel_close, misaligned, noncontiguous, requires_cuda
 from facm_ext import _extension
 from facm_ext.ops import rope_jvp
 from facm_ext.ops._common import OP_REGISTRY
@@ -208,13 +208,6 @@ def test_bad_inputs_raise_value_error():
 
 
 # -------------------------------------------------------------------------------------------------------------- GPU
-def misaligned(t: torch.Tensor) -> torch.Tensor:
-    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-    view = buf[1:].view(t.shape)
-    view.copy_(t)
-    return view
-
-
 @requires_cuda
 def test_cuda_kernel_built():
     assert _extension.has_kernel("rope_jvp_cuda"), _extension.load_error()
