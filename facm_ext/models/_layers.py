@@ -194,3 +194,42 @@ __all__ = [
     "sincos_2d_pos_embed",
     "unpatchify",
 ]
+
+
+class ImageDiTMixin:
+    """What DiT and LightningDiT share around their blocks: the input embedding and the official initialization of
+    the embedders and adaLN-Zero heads. The class needs ``x_embedder`` (:class:`PatchEmbed`), ``t_embedder``,
+    ``y_embedder``, ``pos_embed``, ``blocks`` (each with ``adaLN_modulation``), ``final_layer`` (with
+    ``adaLN_modulation`` and ``linear``), ``in_channels`` and ``input_size``."""
+
+    def init_embedders_and_zero_heads(self) -> None:
+        """Xavier patch weights, N(0, 0.02) label table and time MLP; every modulation head and the final linear
+        zero (adaLN-Zero), so a fresh model outputs exactly zero."""
+        weight = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs -> (tokens [B, L, hidden], conditioning c [B, hidden]); the part of forward before the blocks."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != self.x_embedder.img_size:
+            raise ValueError(
+                f"x: expected [B, {self.in_channels}, {self.input_size}, {self.input_size}], got {tuple(x.shape)}"
+            )
+        if t.dim() != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"t: expected [B={x.shape[0]}], got {tuple(t.shape)}")
+        if y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"y: expected [B={x.shape[0]}] class labels, got {tuple(y.shape)}")
+        # Inputs are cast to the weights' dtype, so a bf16 model runs without autocast.
+        tokens = self.x_embedder(x.to(self.x_embedder.proj.weight.dtype)) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y)
+        return tokens, c

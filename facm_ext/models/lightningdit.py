@@ -23,6 +23,7 @@ from torch import nn
 
 from ._layers import (
     FeedForwardGELU,
+    ImageDiTMixin,
     LabelEmbedder,
     PatchEmbed,
     RMSNorm,
@@ -205,7 +206,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class LightningDiT(nn.Module):
+class LightningDiT(ImageDiTMixin, nn.Module):
     """LightningDiT: class-conditional latent diffusion transformer.
 
     forward(x [B, in_channels, input_size, input_size] float, t [B] float (raw, no x1000), y [B] long in
@@ -286,34 +287,7 @@ class LightningDiT(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         self.reset_buffers()
-        weight = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
-
-    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs -> (tokens [B, L, hidden], conditioning c [B, hidden]); the part of forward before the blocks."""
-        if x.dim() != 4 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != self.x_embedder.img_size:
-            raise ValueError(
-                f"x: expected [B, {self.in_channels}, {self.input_size}, {self.input_size}], got {tuple(x.shape)}"
-            )
-        if t.dim() != 1 or t.shape[0] != x.shape[0]:
-            raise ValueError(f"t: expected [B={x.shape[0]}], got {tuple(t.shape)}")
-        if y.dim() != 1 or y.shape[0] != x.shape[0]:
-            raise ValueError(f"y: expected [B={x.shape[0]}] class labels, got {tuple(y.shape)}")
-        # Inputs are cast to the weights' dtype, so a bf16 model runs without autocast.
-        tokens = self.x_embedder(x.to(self.x_embedder.proj.weight.dtype)) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y)
-        return tokens, c
+        self.init_embedders_and_zero_heads()
 
     def head(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """(tokens [B, L, hidden], c [B, hidden]) -> output [B, in_channels, H, W]; the part after the blocks."""
