@@ -264,7 +264,9 @@ def dist_results(request, tmp_path_factory):
     if request.param == "gloo":
         if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
             pytest.skip("torch.distributed with gloo is not available")
-        return run_worker(tmp_dir, FSDP2_SCENARIOS)
+        # The CPU configuration (CI's): FSDP2's default mesh would pick up a visible GPU and move the sharded
+        # model there while the float64 reference stays on the CPU.
+        return run_worker(tmp_dir, FSDP2_SCENARIOS, env_extra={"CUDA_VISIBLE_DEVICES": ""})
     if torch.cuda.device_count() < 2 or not torch.distributed.is_nccl_available():
         pytest.skip("needs 2 GPUs with NCCL")
     return run_worker(tmp_dir, FSDP2_SCENARIOS + ["fsdp1"],

@@ -220,7 +220,7 @@ def _aten_cudnn_backward(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Ten
 
 
 # ---------------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("facm_ext::attention_jvp", mutates_args=())
+@_common.jvp_custom_op("facm_ext::attention_jvp")
 def _attention_jvp_op(q: Tensor, k: Tensor, v: Tensor, tq: Optional[Tensor], tk: Optional[Tensor],
                       tv: Optional[Tensor], key_lengths: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """-> (o [B, H, Lq, D] q.dtype, to [B, H, Lq, D] q.dtype, lse [B, H, Lq] fp32 (fp64 for fp64 inputs))."""
@@ -240,7 +240,7 @@ def _attention_jvp_fake(q, k, v, tq, tk, tv, key_lengths, scale):
     return o, to, lse
 
 
-@torch.library.custom_op("facm_ext::attention_jvp_backward", mutates_args=())
+@_common.jvp_custom_op("facm_ext::attention_jvp_backward")
 def _attention_backward_op(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                            key_lengths: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Gradient of o = attention(q, k, v) -> (dq, dk, dv), contiguous, in the dtypes of q, k, v."""

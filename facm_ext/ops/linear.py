@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from facm_ext.ops._common import (
+    jvp_custom_op,
     OpInfo,
     _forced_backend,
     check_same_device,
@@ -114,7 +115,7 @@ def _linear_jvp_reference(x, tx, weight, bias):
     return y, ty
 
 
-@torch.library.custom_op("facm_ext::linear_jvp", mutates_args=())
+@jvp_custom_op("facm_ext::linear_jvp")
 def _linear_jvp_op(x: torch.Tensor, tx: Optional[torch.Tensor], weight: torch.Tensor,
                    bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.autocast(x.device.type, enabled=False):

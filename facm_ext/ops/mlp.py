@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from facm_ext.ops._common import (
+    jvp_custom_op,
     OpInfo,
     check_same_device,
     check_same_dtype,
@@ -133,7 +134,7 @@ def _mlp_jvp_reference(x, tx, w1, b1, w2, b2, activation):
 
 
 # -------------------------------------------------------------------------------------------------------- the op
-@torch.library.custom_op("facm_ext::mlp_jvp", mutates_args=())
+@jvp_custom_op("facm_ext::mlp_jvp")
 def _mlp_jvp_op(x: torch.Tensor, tx: Optional[torch.Tensor], w1: torch.Tensor, b1: Optional[torch.Tensor],
                 w2: torch.Tensor, b2: Optional[torch.Tensor], activation: str,
                 save_for_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

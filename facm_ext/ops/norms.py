@@ -331,7 +331,7 @@ def _save(ctx, norm: int, x, weight, bias, shift, scale, output, needs: dict) ->
 Pair4 = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
-@torch.library.custom_op("facm_ext::layer_norm_jvp", mutates_args=())
+@_common.jvp_custom_op("facm_ext::layer_norm_jvp")
 def _layer_norm_op(x: Tensor, tx: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float) -> Pair4:
     return _forward(1, x, tx, weight, bias, None, None, None, None, eps)
@@ -356,7 +356,7 @@ def _layer_norm_backward(ctx, grad_y, grad_ty, grad_mean, grad_rstd):
 _layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
 
 
-@torch.library.custom_op("facm_ext::rms_norm_jvp", mutates_args=())
+@_common.jvp_custom_op("facm_ext::rms_norm_jvp")
 def _rms_norm_op(x: Tensor, tx: Optional[Tensor], weight: Optional[Tensor], eps: float) -> Pair4:
     return _forward(2, x, tx, weight, None, None, None, None, None, eps)
 
@@ -380,7 +380,7 @@ def _rms_norm_backward(ctx, grad_y, grad_ty, grad_mean, grad_rstd):
 _rms_norm_op.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
 
 
-@torch.library.custom_op("facm_ext::modulate_jvp", mutates_args=())
+@_common.jvp_custom_op("facm_ext::modulate_jvp")
 def _modulate_op(x: Tensor, tx: Optional[Tensor], shift: Tensor, tshift: Optional[Tensor], scale: Tensor,
                  tscale: Optional[Tensor]) -> Pair4:
     return _forward(0, x, tx, None, None, shift, tshift, scale, tscale, 0.0)
@@ -405,7 +405,7 @@ def _modulate_backward(ctx, grad_y, grad_ty, grad_mean, grad_rstd):
 _modulate_op.register_autograd(_modulate_backward, setup_context=_modulate_setup)
 
 
-@torch.library.custom_op("facm_ext::adaln_jvp", mutates_args=())
+@_common.jvp_custom_op("facm_ext::adaln_jvp")
 def _adaln_op(x: Tensor, tx: Optional[Tensor], shift: Tensor, tshift: Optional[Tensor], scale: Tensor,
               tscale: Optional[Tensor], weight: Optional[Tensor], norm: str, eps: float) -> Pair4:
     return _forward(_NORM_CODES[norm], x, tx, weight, None, shift, tshift, scale, tscale, eps)

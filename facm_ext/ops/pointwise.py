@@ -28,6 +28,7 @@ import torch
 
 from facm_ext import _extension
 from facm_ext.ops._common import (
+    jvp_custom_op,
     OpInfo,
     check_same_device,
     check_same_dtype,
@@ -120,7 +121,7 @@ if _extension.has_kernel("gelu_jvp_cuda"):
 
 
 # ------------------------------------------------------------------------------------------------------------ GELU
-@torch.library.custom_op("facm_ext::gelu_jvp", mutates_args=())
+@jvp_custom_op("facm_ext::gelu_jvp")
 def _gelu_jvp_op(x: torch.Tensor, tx: Optional[torch.Tensor], approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
     if use_cuda_kernel("gelu_jvp_cuda", x, tx):
         return torch.ops.facm_ext.gelu_jvp_cuda(x, tx, approximate)
@@ -169,7 +170,7 @@ def gelu_jvp(x: torch.Tensor, tx: Optional[torch.Tensor], approximate: str = "ta
 
 
 # ------------------------------------------------------------------------------------------------------------ SiLU
-@torch.library.custom_op("facm_ext::silu_jvp", mutates_args=())
+@jvp_custom_op("facm_ext::silu_jvp")
 def _silu_jvp_op(x: torch.Tensor, tx: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     if use_cuda_kernel("silu_jvp_cuda", x, tx):
         return torch.ops.facm_ext.silu_jvp_cuda(x, tx)
@@ -213,7 +214,7 @@ def silu_jvp(x: torch.Tensor, tx: Optional[torch.Tensor]):
 
 
 # ---------------------------------------------------------------------------------------------------------- SwiGLU
-@torch.library.custom_op("facm_ext::swiglu_jvp", mutates_args=())
+@jvp_custom_op("facm_ext::swiglu_jvp")
 def _swiglu_jvp_op(a: torch.Tensor, ta: Optional[torch.Tensor], b: torch.Tensor,
                    tb: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     if use_cuda_kernel("swiglu_jvp_cuda", a, ta, b, tb):
@@ -278,7 +279,7 @@ def swiglu_jvp(a: torch.Tensor, ta: Optional[torch.Tensor], b: torch.Tensor, tb:
 
 
 # -------------------------------------------------------------------------------------------------- gated residual
-@torch.library.custom_op("facm_ext::gated_residual_jvp", mutates_args=())
+@jvp_custom_op("facm_ext::gated_residual_jvp")
 def _gated_residual_jvp_op(x: torch.Tensor, tx: Optional[torch.Tensor], gate: torch.Tensor,
                            tgate: Optional[torch.Tensor], y: torch.Tensor,
                            ty: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ import torch
 
 from facm_ext import _extension
 from facm_ext.ops._common import (
+    jvp_custom_op,
     OpInfo,
     check_same_device,
     check_tangent,
@@ -96,7 +97,7 @@ if _extension.has_kernel("rope_jvp_cuda"):
     _kernel_fakes_registered()
 
 
-@torch.library.custom_op("facm_ext::rope_jvp", mutates_args=())
+@jvp_custom_op("facm_ext::rope_jvp")
 def _rope_jvp_op(x: torch.Tensor, tx: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
                  interleaved: bool, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     if use_cuda_kernel("rope_jvp_cuda", x, tx):

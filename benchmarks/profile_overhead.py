@@ -1,0 +1,157 @@
+"""Where facm_ext.jvp spends its time on a whole model: GPU busy time against wall time and CPU issue time.
+
+    python benchmarks/profile_overhead.py [--batch 16] [--cprofile 30] [--json PATH]
+
+LightningDiT-XL/1 at 256 tokens under bf16 autocast (fp32 parameters, as FACM trains), for a plain forward, a plain
+forward + backward, facm_ext.jvp without grad, and facm_ext.jvp with grad + backward:
+
+- wall ms: CUDA-event median of the whole call;
+- issue ms: host time until the call returns, without synchronizing (close to wall: the host is the bottleneck);
+- kernel ms: the sum of GPU kernel durations from torch.profiler (how busy the GPU was);
+- kernels: how many kernels one call launches.
+
+With --cprofile N it prints the N functions with the most host time inside one facm_ext.jvp call (no grad).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import facm_ext  # noqa: E402
+from facm_ext.models import LightningDiT_XL_1  # noqa: E402
+
+
+def wall_ms(fn, iters: int = 10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def issue_ms(fn, iters: int = 10) -> float:
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - begin) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def kernel_profile(fn) -> tuple[float, int]:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time for e in kernels) / 1e3, len(kernels)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--cprofile", type=int, default=0)
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("profile_overhead.py needs a CUDA GPU")
+
+    torch.manual_seed(0)
+    model = LightningDiT_XL_1().cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.02)
+    batch = args.batch
+    x = torch.randn(batch, 32, 16, 16, device="cuda")
+    t = torch.rand(batch, device="cuda")
+    y = torch.randint(0, 1000, (batch,), device="cuda")
+    v = torch.randn_like(x)
+    one = torch.ones_like(t)
+
+    def func(x_, t_):
+        return model(x_, t_, y)
+
+    def autocast():
+        return torch.autocast("cuda", torch.bfloat16)
+
+    def plain_forward():
+        with torch.no_grad(), autocast():
+            func(x, t)
+
+    def plain_forward_backward():
+        with autocast():
+            out = func(x, t)
+        out.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    def jvp_no_grad():
+        with torch.no_grad(), autocast():
+            facm_ext.jvp(func, (x, t), (v, one))
+
+    def jvp_grad_backward():
+        with autocast():
+            out, tangent = facm_ext.jvp(func, (x, t), (v, one))
+        (out.float() - tangent.float()).square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    rows = []
+    for name, fn in [("plain forward (no grad)", plain_forward), ("plain forward + backward", plain_forward_backward),
+                     ("facm_ext.jvp (no grad)", jvp_no_grad), ("facm_ext.jvp grad + backward", jvp_grad_backward)]:
+        wall = wall_ms(fn)
+        issue = issue_ms(fn)
+        busy, count = kernel_profile(fn)
+        rows.append(dict(name=name, wall_ms=wall, issue_ms=issue, kernel_ms=busy, kernels=count))
+
+    print(f"### LightningDiT-XL/1, B={batch}, 256 tokens, bf16 autocast, {torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}")
+    print("| call | wall ms | host issue ms | GPU kernel ms | GPU busy | kernels |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['name']} | {row['wall_ms']:.1f} | {row['issue_ms']:.1f} | {row['kernel_ms']:.1f} | "
+              f"{100 * row['kernel_ms'] / row['wall_ms']:.0f}% | {row['kernels']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                                   batch=batch, rows=rows), indent=1))
+    if args.cprofile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(3):
+            jvp_no_grad()
+        torch.cuda.synchronize()
+        profiler.disable()
+        stream = io.StringIO()
+        pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(args.cprofile)
+        print("host profile of 3 facm_ext.jvp calls (no grad), by own time:")
+        print(stream.getvalue())
+        stream = io.StringIO()
+        pstats.Stats(profiler, stream=stream).sort_stats("cumulative").print_stats(args.cprofile)
+        print("by cumulative time:")
+        print(stream.getvalue())
+
+
+if __name__ == "__main__":
+    main()
