@@ -58,7 +58,8 @@ def issue_ms(fn, iters: int = 10) -> float:
     return statistics.median(times)
 
 
-def kernel_profile(fn) -> tuple[float, int]:
+def kernel_profile(fn) -> tuple[float, int, list]:
+    """(GPU kernel ms, kernel count, the 12 kernels with the most total time as (name, ms, count))."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -67,7 +68,13 @@ def kernel_profile(fn) -> tuple[float, int]:
         fn()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(e.device_time for e in kernels) / 1e3, len(kernels)
+    by_name: dict[str, list] = {}
+    for e in kernels:
+        entry = by_name.setdefault(e.name[:90], [0.0, 0])
+        entry[0] += e.device_time / 1e3
+        entry[1] += 1
+    top = sorted(((name, ms, count) for name, (ms, count) in by_name.items()), key=lambda r: -r[1])[:12]
+    return sum(e.device_time for e in kernels) / 1e3, len(kernels), top
 
 
 def main() -> None:
@@ -123,8 +130,8 @@ def main() -> None:
                      ("facm_ext.jvp (no grad)", jvp_no_grad), ("facm_ext.jvp grad + backward", jvp_grad_backward)]:
         wall = wall_ms(fn)
         issue = issue_ms(fn)
-        busy, count = kernel_profile(fn)
-        rows.append(dict(name=name, wall_ms=wall, issue_ms=issue, kernel_ms=busy, kernels=count))
+        busy, count, top = kernel_profile(fn)
+        rows.append(dict(name=name, wall_ms=wall, issue_ms=issue, kernel_ms=busy, kernels=count, top=top))
 
     print(f"### LightningDiT-XL/1, B={batch}, 256 tokens, bf16 autocast, {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}")
@@ -133,6 +140,10 @@ def main() -> None:
     for row in rows:
         print(f"| {row['name']} | {row['wall_ms']:.1f} | {row['issue_ms']:.1f} | {row['kernel_ms']:.1f} | "
               f"{100 * row['kernel_ms'] / row['wall_ms']:.0f}% | {row['kernels']} |")
+    for row in rows:
+        print(f"top kernels, {row['name']}:")
+        for name, ms, count in row["top"]:
+            print(f"  {ms:8.2f} ms {count:5d}x  {name}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                                                    batch=batch, rows=rows), indent=1))

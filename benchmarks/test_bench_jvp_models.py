@@ -129,6 +129,48 @@ def _loss(out: torch.Tensor, tangent: torch.Tensor | None = None) -> torch.Tenso
     return (out.float() - target.float() - 0.01).square().mean()
 
 
+def _measure_graphed(case, model, func, primals, tangents, *, fwd_ms, fb_ms, fb_peak, fwd_flops, jvp_flops):
+    """facm_ext.jvp.graph rows: the JVP replayed from a CUDA graph (no grad; grad with the backward captured),
+    with the memory the graph keeps between calls (its pool) added to the peak."""
+    def cast():
+        return torch.autocast("cuda", torch.bfloat16, cache_enabled=False)
+
+    for grad in (False, True):
+        _release()
+        before = torch.cuda.memory_allocated()
+        try:
+            with torch.set_grad_enabled(grad), cast():
+                graphed = facm_ext.jvp.graph(func, primals, tangents, module=model)
+        except Exception as exc:  # noqa: BLE001 - a capture failure is recorded as the row's result
+            _harness.record(GROUP, case, f"facm_ext.jvp.graph, {'grad + backward' if grad else 'no grad'}",
+                            float("nan"), note=_failure_note(exc))
+            continue
+        pool_gib = (torch.cuda.memory_allocated() - before) / 2**30
+
+        if grad:
+            def fn():
+                with cast():
+                    out, tangent = graphed(primals, tangents)
+                _loss(out, tangent).backward()
+                model.zero_grad(set_to_none=True)
+        else:
+            def fn():
+                with torch.no_grad():
+                    graphed(primals, tangents)
+
+        impl = f"facm_ext.jvp.graph (CUDA graph), {'with grad + backward' if grad else 'no grad'}"
+        ms, peak = _measure(case, impl, fn, flops=jvp_flops + (2 * fwd_flops if grad else 0))
+        row = _harness.RESULTS[-1]
+        if ms == ms:
+            row["peak_gib"] = peak + pool_gib
+            base_ms, base_peak = (fb_ms, fb_peak) if grad else (fwd_ms, None)
+            row["note"] = (f"{ms / base_ms:.2f}x time of plain {'fwd+bwd' if grad else 'forward'}"
+                           + (f", {(peak + pool_gib) / base_peak:.2f}x its peak memory" if base_peak else "")
+                           + f"; graph pool {pool_gib:.2f} GiB")
+        del graphed
+        _release()
+
+
 @pytest.mark.parametrize("batch", LIGHTNINGDIT_BATCHES)
 def test_bench_jvp_lightningdit_xl(benchmark, batch):
     _harness.require_cuda()
@@ -200,6 +242,8 @@ def test_bench_jvp_lightningdit_xl(benchmark, batch):
     if grad_ms == grad_ms and fb_ms == fb_ms and fb_peak > 0:
         _harness.RESULTS[-1]["note"] = (f"{grad_ms / fb_ms:.2f}x time (target <= 1.6), "
                                         f"{grad_peak / fb_peak:.2f}x peak memory (target <= 1.3) of plain fwd+bwd")
+    _measure_graphed(case, model, func, (x, t), (v, one), fwd_ms=fwd_ms, fb_ms=fb_ms, fb_peak=fb_peak,
+                     fwd_flops=fwd_flops, jvp_flops=jvp_flops)
     _measure(case, "torch.func.jvp eager, math SDPA, no grad", torch_func_no_grad, flops=jvp_flops)
     _measure(case, "torch.func.jvp eager, math SDPA, with grad + backward (official FACM)",
              torch_func_grad_backward, flops=jvp_flops + 2 * fwd_flops)

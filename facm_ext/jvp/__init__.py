@@ -28,6 +28,10 @@ facm_ext.ops; ``fullgraph=True`` around a facm_ext.jvp call therefore fails. Com
 optimizer) instead, or the model's non-JVP forwards. A compiled module called inside the transform
 (``torch.compile(model)``, ``model.compile()``) runs its original module eagerly, with a note in the report.
 
+Host overhead: the transform runs op by op from Python; where the GPU waits on the host (small per-GPU batches),
+:func:`graph` captures facm_ext.jvp in a CUDA graph (no grad, or grad with the backward captured too) and
+replays it (facm_ext/jvp/_graph.py).
+
 For the chain runtime: :func:`make_dual`, :func:`split_dual`, :func:`register_module_call_handler`,
 :func:`is_active`. Once FSDP2 is imported, the first call imports facm_ext.chain, which registers its FSDP2
 module-call handler, so ``facm_ext.jvp(fsdp2_model, ...)`` streams through the fully_shard units.
@@ -53,9 +57,12 @@ from ._dual import (
 )
 from . import _rules  # noqa: F401  (registers the fused function rules)
 from ._modules import install, register_jvp_rule, register_module_call_handler, run_module, uninstall
+from ._graph import GraphedJVP, graph
 
 __all__ = [
     "DualTensor",
+    "GraphedJVP",
+    "graph",
     "JVPReport",
     "JVPTransformError",
     "is_active",
