@@ -3,9 +3,10 @@ guided teacher velocity, the JVP pass with a differentiable primal, the FM forwa
 clipping and the optimizer step. Compared in the same run with the step written the official way (compiled teacher,
 eager ``torch.func.jvp`` with math attention, compiled FM forward; anchor on an H200: 587 ms, 34.8 GiB).
 
-Rows: median step time (do_bench) and peak memory beyond the weights and optimizer state. The last variant runs
+Rows: median step time (do_bench) and peak memory beyond the weights and optimizer state. One variant runs
 the FM part's backward before the JVP pass (``facm_loss(..., backward=True)``: same gradients, peak memory the
-larger of the two graphs instead of their sum). A variant that fails
+larger of the two graphs instead of their sum); the last replays the student's JVP and its backward from a CUDA
+graph (``facm.GraphedStudentJVP``; the eager transform leaves the GPU waiting on the host at B=16). A variant that fails
 (e.g. out of memory, a compile error) is recorded as a row with the error in its note.
 """
 
@@ -44,11 +45,13 @@ def _setup():
     return student, teacher, optimizer, (x, y, t, noise)
 
 
-def _make_step(student, teacher, optimizer, batch, *, jvp_fn, fm_model=None, split_backward=False):
+def _make_step(student, teacher, optimizer, batch, *, jvp_fn, fm_model=None, split_backward=False,
+               autocast_cache=True):
     x, y, t, noise = batch
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        # CUDA graphs (the graphed variant) need autocast's weight-cast cache off.
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=autocast_cache):
             out = facm.facm_loss(student, x, y, t=t, noise=noise, teacher=teacher, null_class=NULL_CLASS,
                                  jvp_fn=jvp_fn, fm_model=fm_model, backward=split_backward)
         if not split_backward:
@@ -75,16 +78,19 @@ def _variants(student, teacher):
             dict(teacher=teacher, jvp_fn=fused.jvp, fm_model=None),
         "facm_ext.jvp (compiled teacher + FM fwd), FM backward before the JVP pass":
             dict(teacher=compiled_teacher, jvp_fn=fused.jvp, fm_model=compiled_student, split_backward=True),
+        "facm_ext.jvp.graph: student JVP + its backward replayed from a CUDA graph (compiled teacher + FM fwd)":
+            dict(teacher=compiled_teacher, jvp_fn=facm.GraphedStudentJVP(student), fm_model=compiled_student,
+                 autocast_cache=False),
     }
 
 
-@pytest.mark.parametrize("variant", [0, 1, 2, 3])
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4])
 def test_bench_facm_step(benchmark, variant):
     _harness.require_cuda()
     student, teacher, optimizer, batch = _setup()
     name, cfg = list(_variants(student, teacher).items())[variant]
     step = _make_step(student, cfg["teacher"], optimizer, batch, jvp_fn=cfg["jvp_fn"], fm_model=cfg["fm_model"],
-                      split_backward=cfg.get("split_backward", False))
+                      split_backward=cfg.get("split_backward", False), autocast_cache=cfg.get("autocast_cache", True))
 
     def synced():
         loss = step()

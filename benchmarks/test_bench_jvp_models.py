@@ -131,13 +131,14 @@ def _loss(out: torch.Tensor, tangent: torch.Tensor | None = None) -> torch.Tenso
 
 def _measure_graphed(case, model, func, primals, tangents, *, fwd_ms, fb_ms, fb_peak, fwd_flops, jvp_flops):
     """facm_ext.jvp.graph rows: the JVP replayed from a CUDA graph (no grad; grad with the backward captured),
-    with the memory the graph keeps between calls (its pool) added to the peak."""
+    with the memory the graph keeps reserved between calls (its private pool) added to the peak."""
     def cast():
         return torch.autocast("cuda", torch.bfloat16, cache_enabled=False)
 
     for grad in (False, True):
         _release()
-        before = torch.cuda.memory_allocated()
+        # The graph keeps its private memory pool (static inputs, outputs, activations) reserved between calls.
+        before = torch.cuda.memory_reserved()
         try:
             with torch.set_grad_enabled(grad), cast():
                 graphed = facm_ext.jvp.graph(func, primals, tangents, module=model)
@@ -145,7 +146,8 @@ def _measure_graphed(case, model, func, primals, tangents, *, fwd_ms, fb_ms, fb_
             _harness.record(GROUP, case, f"facm_ext.jvp.graph, {'grad + backward' if grad else 'no grad'}",
                             float("nan"), note=_failure_note(exc))
             continue
-        pool_gib = (torch.cuda.memory_allocated() - before) / 2**30
+        _release()
+        pool_gib = (torch.cuda.memory_reserved() - before) / 2**30
 
         if grad:
             def fn():

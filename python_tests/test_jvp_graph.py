@@ -123,3 +123,40 @@ def test_graph_rejects_other_shapes():
             facm_ext.jvp.graph(lambda x, t: model(x, t, y), primals, (tangents[0], None))
         with pytest.raises(ValueError, match="CUDA tensors"):
             facm_ext.jvp.graph(lambda x, t: model(x, t, y), (primals[0].cpu(), primals[1]), tangents)
+
+
+def test_graphed_student_jvp_rejects_other_functions():
+    from facm_ext import facm
+
+    model = torch.nn.Linear(3, 3)
+    jvp_fn = facm.GraphedStudentJVP(model)
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="func"):
+        jvp_fn(lambda a: model(a), (x,), (x,))
+    with pytest.raises(ValueError, match="func"):
+        jvp_fn(facm.ConditionedModel(torch.nn.Linear(3, 3), torch.zeros(2, dtype=torch.long)), (x,), (x,))
+
+
+@requires_cuda
+def test_graphed_student_jvp_matches_eager_facm_loss():
+    """Two FACM steps' losses and gradients: the graphed student JVP against facm_ext.jvp, new labels each step."""
+    from facm_ext import facm
+
+    model = _model()
+    jvp_fn = facm.GraphedStudentJVP(model)
+    for seed in (1, 2, 3):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        x = torch.randn(3, 4, 4, 4, device="cuda", generator=gen)
+        noise = torch.randn(x.shape, device="cuda", generator=gen)
+        y = torch.randint(0, 10, (3,), device="cuda", generator=gen)
+        t = torch.rand(3, device="cuda", generator=gen)
+        results = []
+        for fn in (jvp_fn, facm_ext.jvp):
+            with _context("fp32"):
+                out = facm.facm_loss(model, x, y, t=t, noise=noise, null_class=10, jvp_fn=fn)
+            out["loss"].backward()
+            results.append((out["loss"].detach(), _grads(model)))
+        (loss, grads), (ref_loss, ref_grads) = results
+        assert rel_err(loss, ref_loss) <= 1e-4
+        for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+            assert rel_err(g, r) <= 1e-3, name

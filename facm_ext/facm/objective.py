@@ -23,6 +23,49 @@ import torch.nn.functional as F
 JvpFn = Callable  # jvp_fn(func, primals, tangents) -> (primal_out, tangent_out), like torch.func.jvp
 
 
+class ConditionedModel:
+    """``(x, t) -> model(x, t, y)``: the function facm_loss differentiates, with its model and labels in view so a
+    jvp_fn can see which network and which labels it is called for (:class:`GraphedStudentJVP` does)."""
+
+    def __init__(self, model, y: torch.Tensor):
+        self.model, self.y = model, y
+
+    def __call__(self, x_in, t_in):
+        return self.model(x_in, t_in, self.y)
+
+
+class GraphedStudentJVP:
+    """A ``jvp_fn`` for :func:`facm_loss` that replays the student's JVP from a CUDA graph (``facm_ext.jvp.graph``,
+    grad mode: forward and backward captured), for batch sizes where the eager transform leaves the GPU waiting on
+    the host. The graph is captured on the first call; every call must have the same shapes and run under the
+    same autocast, with ``cache_enabled=False``. The labels of each call are copied into the captured buffer.
+
+    Args:
+        model: the student (an nn.Module without hooks: not for FSDP, use facm_ext.chain there).
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self._graphed = None
+        self._labels = None
+
+    def __call__(self, func, primals, tangents):
+        if not isinstance(func, ConditionedModel) or func.model is not self.model:
+            raise ValueError("func: GraphedStudentJVP replays the JVP of its own model as facm_loss calls it "
+                             "(a ConditionedModel of that model)")
+        if self._graphed is None:
+            import facm_ext.jvp as transform
+
+            self._labels = func.y.clone()
+            labels, model = self._labels, self.model
+            self._graphed = transform.graph(lambda x_in, t_in: model(x_in, t_in, labels), primals, tangents,
+                                            module=model)
+        if func.y.shape != self._labels.shape:
+            raise ValueError(f"y: expected the captured shape {tuple(self._labels.shape)}, got {tuple(func.y.shape)}")
+        self._labels.copy_(func.y)
+        return self._graphed(primals, tangents)
+
+
 # ------------------------------------------------------------------------------------------------------------ checks
 def _check_batch(x, y, t, noise, *, name_t: str = "t"):
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
@@ -266,8 +309,7 @@ def facm_loss(model, x: torch.Tensor, y: torch.Tensor, *, t: torch.Tensor, noise
         fm = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
 
     # CM: one JVP along (dx/dt, dt/dt) = (v, 1); the gradient reaches the parameters only through F.
-    def g(x_in, t_in):
-        return model(x_in, t_in, y)
+    g = ConditionedModel(model, y)
 
     if recompute_primal:
         with torch.no_grad():
