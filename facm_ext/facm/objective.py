@@ -299,14 +299,20 @@ def facm_loss(model, x: torch.Tensor, y: torch.Tensor, *, t: torch.Tensor, noise
         v = velocity.detach()
     v = v.to(x.dtype)
 
-    # FM anchor at the expanded condition 2 - t; its target is the velocity at the original t.
-    if fm_weight > 0:
-        fm = flow_matching_loss((fm_model if fm_model is not None else model)(x_t, 2 - t, y), v)
+    def fm_branch():
+        # FM anchor at the expanded condition 2 - t; its target is the velocity at the original t.
+        if fm_weight <= 0:
+            return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        fm_out = flow_matching_loss((fm_model if fm_model is not None else model)(x_t, 2 - t, y), v)
         if backward:
-            (fm_weight * fm.mean()).backward()
-            fm = fm.detach()
-    else:
-        fm = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+            (fm_weight * fm_out.mean()).backward()
+            fm_out = fm_out.detach()
+        return fm_out
+
+    # With backward=True the FM part's graph is freed before the JVP pass allocates its own. Otherwise the JVP pass
+    # runs first: a jvp_fn that captures a CUDA graph (GraphedStudentJVP) must capture its backward before any
+    # other graph through the model's parameters exists, whose gradient accumulators would live on another stream.
+    fm = fm_branch() if backward else None
 
     # CM: one JVP along (dx/dt, dt/dt) = (v, 1); the gradient reaches the parameters only through F.
     g = ConditionedModel(model, y)
@@ -328,6 +334,8 @@ def facm_loss(model, x: torch.Tensor, y: torch.Tensor, *, t: torch.Tensor, noise
     if backward:
         cm.mean().backward()
         cm = cm.detach()
+    else:
+        fm = fm_branch()
 
     cm_mean, fm_mean = cm.mean(), fm.mean()
     return {"loss": cm_mean + fm_weight * fm_mean, "cm": cm_mean, "fm": fm_mean}
