@@ -434,7 +434,9 @@ def main() -> None:
     parser.add_argument("--wan-ffn", type=int, default=13824)
     parser.add_argument("--wan-heads", type=int, default=40)
     parser.add_argument("--wan-frames", type=int, default=1)
-    parser.add_argument("--wan-side", type=int, default=64, help="latent height = width (tokens: frames*(side/2)^2)")
+    # 32 -> 256 tokens: with 76 blocks sized so the whole-model gather cannot fit a 140 GiB card, the grad mode's
+    # saved activations at 1024 tokens (--wan-side 64) ran out of memory on an H200 (2026-11-26).
+    parser.add_argument("--wan-side", type=int, default=32, help="latent height = width (tokens: frames*(side/2)^2)")
     parser.add_argument("--json", default="")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU + gloo with tiny models: exercises the script, measures nothing meaningful")

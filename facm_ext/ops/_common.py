@@ -161,9 +161,10 @@ class JVPCustomOp:
     ``torch.compile`` traces the registered op and ``torch.library.opcheck`` checks it; so do tensor subclasses,
     dispatch modes and functorch transforms, which always get the dispatcher path. A plain eager call runs the same
     implementation directly, and when grad is enabled and an input requires grad, through a
-    ``torch.autograd.Function`` built from the same ``setup_context`` and backward. Why: the dispatcher round trip of
-    a Python custom op costs about 0.2 ms of host time per call on torch 2.11, and one LightningDiT-XL JVP makes
-    about 1,200 calls, which left the GPU idle three quarters of the time (benchmarks/profile_overhead.py).
+    ``torch.autograd.Function`` built from the same ``setup_context`` and backward. Why: one LightningDiT-XL JVP
+    makes ~1,200 op calls and is host-bound at small batches (benchmarks/profile_overhead.py); the dispatcher
+    round trip is host work the eager call does not need. Measured: no wall-time change beyond run-to-run noise on
+    an H200 (the host time is spread over the whole transform; facm_ext.jvp.graph is what removes it).
     ``FACM_EXT_EAGER_DISPATCH=custom_op`` sends eager calls through the dispatcher as well.
     """
 
