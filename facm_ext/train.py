@@ -73,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--p", type=float, default=0.5, help="alpha = 1 - t^p")
     g.add_argument("--time-mean", type=float, default=-0.8)
     g.add_argument("--time-std", type=float, default=1.6)
-    g.add_argument("--jvp", choices=["fused", "torch"], default="fused",
-                   help="fused: facm_ext.jvp; torch: torch.func.jvp with math attention (the official path)")
+    g.add_argument("--jvp", choices=["fused", "graph", "torch"], default="fused",
+                   help="fused: facm_ext.jvp; graph: facm_ext.jvp replayed from a CUDA graph (one GPU, FACM "
+                        "objective; for host-bound batch sizes); torch: torch.func.jvp with math attention "
+                        "(the official path)")
     g.add_argument("--split-backward", action="store_true",
                    help="backward of the FM part before the JVP pass (same gradients, lower peak memory)")
     g.add_argument("--teacher-from", default=None,
@@ -94,8 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def validate(args: argparse.Namespace, world_size: int) -> None:
+def validate(args: argparse.Namespace, world_size: int, device: torch.device | None = None) -> None:
     """Raise ValueError naming the flag for configurations that cannot work."""
+    if args.jvp == "graph":
+        if device is not None and device.type != "cuda":
+            raise ValueError(f"--jvp graph: CUDA graphs need a CUDA device, got --device {args.device} ({device})")
+        if world_size > 1:
+            raise ValueError("--jvp graph: one process only (under FSDP2 the chain runtime streams the JVP)")
+        if args.objective != "facm":
+            raise ValueError(f"--jvp graph: replays the FACM student's JVP; not for --objective {args.objective}")
+        if args.split_backward:
+            raise ValueError("--jvp graph: the JVP pass must run before the FM forward, which --split-backward "
+                             "reverses")
     def positive(name, value):
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
@@ -474,13 +486,16 @@ def train(args, out: Path, device, dist: Dist) -> TrainState:
         import facm_ext.jvp as fused
 
         jvp_fn = fused.jvp
+    elif args.jvp == "graph":
+        jvp_fn = None  # a GraphedStudentJVP of the student, made at the first FACM step (stage 2 sets the student)
     else:
         jvp_fn = facm.torch_func_jvp
     # Under FSDP2 the primal's gradient needs the chain runtime's handler; without it, take the gradient from a
     # plain forward after a no-grad JVP (correct, one more forward).
     recompute_primal = dist.enabled and not _chain_handler_available()
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if args.precision == "bf16" and device.type == "cuda"
-                else _NullContext())
+    # CUDA graphs (--jvp graph) need autocast's weight-cast cache off.
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=args.jvp != "graph")
+                if args.precision == "bf16" and device.type == "cuda" else _NullContext())
 
     progress = Progress(args.log_every, dist.main)
     local = slice(dist.rank * (args.batch // dist.world_size), (dist.rank + 1) * (args.batch // dist.world_size))
@@ -520,6 +535,8 @@ def train(args, out: Path, device, dist: Dist) -> TrainState:
                                             guidance_interval=tuple(args.guidance_interval), null_class=null_class,
                                             jvp_fn=jvp_fn)
             else:
+                if args.jvp == "graph" and (jvp_fn is None or jvp_fn.model is not state.model):
+                    jvp_fn = facm.GraphedStudentJVP(state.model)
                 losses = facm.facm_loss(state.model, x, y, t=t, noise=noise, teacher=state.teacher,
                                         cfg_scale=args.cfg_scale, guidance_interval=tuple(args.guidance_interval),
                                         null_class=null_class, p=args.p, fm_weight=args.fm_weight, jvp_fn=jvp_fn,
@@ -648,7 +665,7 @@ def run(argv=None) -> dict | None:
     device = resolve_device(args.device)
     dist = init_distributed(device)
     try:
-        validate(args, dist.world_size)
+        validate(args, dist.world_size, device)
         if args.threads:
             torch.set_num_threads(args.threads)
         out = Path(args.output_dir)

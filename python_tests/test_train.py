@@ -195,6 +195,7 @@ def test_meanflow_objective_runs(tmp_path):
     (["--resume", "/nonexistent/ckpt.pt"], "--resume"),
     (["--teacher-from", "/nonexistent/teacher.pt"], "--teacher-from"),
     (["--device", "tpu"], "--device"),
+    (["--jvp", "graph", "--device", "cpu"], "--jvp graph: CUDA graphs need a CUDA device"),
 ])
 def test_bad_configurations_are_rejected(tmp_path, flags, match):
     with pytest.raises(ValueError, match=match):
@@ -288,3 +289,25 @@ def test_gpu_run_bf16(tmp_path):
     results = run(tmp_path, "--device", "cuda", "--precision", "bf16", "--stage1-steps", "3", "--facm-steps", "2")
     assert [r["nfe"] for r in results["rows"]][-2:] == [1, 2]
     assert all(math.isfinite(r["fd"]) for r in results["rows"])
+
+
+@requires_cuda
+def test_gpu_run_graph_jvp(tmp_path):
+    """--jvp graph: the FACM steps replay the student's JVP from a CUDA graph (captured at the first FACM step)."""
+    results = run(tmp_path, "--device", "cuda", "--precision", "bf16", "--jvp", "graph", "--stage1-steps", "3",
+                  "--facm-steps", "3")
+    assert all(math.isfinite(r["fd"]) for r in results["rows"])
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--objective", "meanflow"], "--objective meanflow"),
+    (["--split-backward"], "--split-backward"),
+])
+def test_graph_jvp_flag_rejects_what_it_cannot_replay(flags, match):
+    from facm_ext import train
+
+    args = train.build_parser().parse_args(["--jvp", "graph", *flags])
+    with pytest.raises(ValueError, match=match):
+        train.validate(args, 1, torch.device("cuda"))
+    with pytest.raises(ValueError, match="one process"):
+        train.validate(train.build_parser().parse_args(["--jvp", "graph"]), 2, torch.device("cuda"))
