@@ -30,6 +30,29 @@ def median_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def event_median_ms(fn, *, iters: int) -> float:
+    """Median CUDA-event milliseconds of ``iters`` synchronized calls (a fixed count, unlike :func:`median_ms`:
+    collectives need every rank to run the same calls); host wall time without CUDA."""
+    import statistics
+    import time
+
+    times = []
+    for _ in range(iters):
+        if not torch.cuda.is_available():
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+            continue
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def timed_ms(benchmark, fn) -> float:
     """Give pytest-benchmark a synchronized run of fn (its own statistics), return the do_bench median in ms."""
     def synced():

@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ import torch.nn as nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import _harness  # noqa: E402  (benchmarks/, the script's folder)
 import facm_ext  # noqa: E402
 import facm_ext.chain  # noqa: E402  (registers the FSDP2 handler with facm_ext.jvp)
 from facm_ext.chain import GatherMonitor  # noqa: E402
@@ -161,23 +161,7 @@ def timed(fn, *, warmup: int, iters: int) -> float:
     """Median milliseconds of fn over ``iters`` calls (fixed counts: every rank must run the same collectives)."""
     for _ in range(warmup):
         fn()
-    if not torch.cuda.is_available():
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return _harness.event_median_ms(fn, iters=iters)
 
 
 def peak_gib(fn) -> float:

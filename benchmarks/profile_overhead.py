@@ -29,22 +29,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import _harness  # noqa: E402  (benchmarks/, the script's folder)
 import facm_ext  # noqa: E402
 from facm_ext.models import LightningDiT_XL_1  # noqa: E402
 
 
 def wall_ms(fn, iters: int = 10) -> float:
     fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return _harness.event_median_ms(fn, iters=iters)
 
 
 def issue_ms(fn, iters: int = 10) -> float:

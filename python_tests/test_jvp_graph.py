@@ -31,6 +31,13 @@ def _model():
     return model
 
 
+def _model_and_func():
+    """The tiny model and ``(x, t) -> model(x, t, y)`` with fixed labels."""
+    model = _model()
+    y = torch.tensor([1, 5, 9], device="cuda")
+    return model, lambda x, t: model(x, t, y)
+
+
 def _inputs(seed: int):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(3, 4, 4, 4, device="cuda", generator=gen)
@@ -58,11 +65,7 @@ def _context(precision):
 @requires_cuda
 @pytest.mark.parametrize("precision", sorted(TOLERANCE))
 def test_graph_no_grad_matches_eager(precision):
-    model = _model()
-    y = torch.tensor([1, 5, 9], device="cuda")
-
-    def func(x, t):
-        return model(x, t, y)
+    model, func = _model_and_func()
 
     primals, tangents = _inputs(0)
     with torch.no_grad(), _context(precision):
@@ -79,11 +82,7 @@ def test_graph_no_grad_matches_eager(precision):
 @requires_cuda
 @pytest.mark.parametrize("precision", sorted(TOLERANCE))
 def test_graph_grad_matches_eager(precision):
-    model = _model()
-    y = torch.tensor([1, 5, 9], device="cuda")
-
-    def func(x, t):
-        return model(x, t, y)
+    model, func = _model_and_func()
 
     def loss(out, tout):
         return (out.float() - (out.detach().float() - 0.5 * tout.float())).square().mean()
@@ -112,17 +111,16 @@ def test_graph_grad_matches_eager(precision):
 
 @requires_cuda
 def test_graph_rejects_other_shapes():
-    model = _model()
-    y = torch.tensor([1, 5, 9], device="cuda")
+    model, func = _model_and_func()
     primals, tangents = _inputs(0)
     with torch.no_grad():
-        graphed = facm_ext.jvp.graph(lambda x, t: model(x, t, y), primals, tangents)
+        graphed = facm_ext.jvp.graph(func, primals, tangents)
         with pytest.raises(ValueError, match="input 0"):
             graphed((primals[0][:2], primals[1]), tangents)
         with pytest.raises(ValueError, match="tensors"):
-            facm_ext.jvp.graph(lambda x, t: model(x, t, y), primals, (tangents[0], None))
+            facm_ext.jvp.graph(func, primals, (tangents[0], None))
         with pytest.raises(ValueError, match="CUDA tensors"):
-            facm_ext.jvp.graph(lambda x, t: model(x, t, y), (primals[0].cpu(), primals[1]), tangents)
+            facm_ext.jvp.graph(func, (primals[0].cpu(), primals[1]), tangents)
 
 
 def test_graphed_student_jvp_rejects_other_functions():
