@@ -47,3 +47,12 @@ def test_flops_rows_report_tflops(harness):
     row = _harness.record("g", "case", "ours", 10.0, flops=5e11)
     assert row["TFLOP/s"] == pytest.approx(50.0) and row["%mm"] == pytest.approx(50.0)
     assert "| ours |" in _harness.format_table(_harness.RESULTS)
+
+
+def test_event_median_ms_runs_a_fixed_count_and_takes_the_median(monkeypatch):
+    monkeypatch.setattr(_harness.torch.cuda, "is_available", lambda: False)  # host timing (this path on the CPU)
+    clock = iter([0.0, 0.003, 1.0, 1.001, 2.0, 2.010])  # three calls of 3, 1 and 10 ms
+    monkeypatch.setattr("time.perf_counter", lambda: next(clock))
+    calls = []
+    assert _harness.event_median_ms(lambda: calls.append(1), iters=3) == pytest.approx(3.0)
+    assert len(calls) == 3
