@@ -108,6 +108,7 @@ def validate(args: argparse.Namespace, world_size: int, device: torch.device | N
         if args.split_backward:
             raise ValueError("--jvp graph: the JVP pass must run before the FM forward, which --split-backward "
                              "reverses")
+
     def positive(name, value):
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
