@@ -202,6 +202,32 @@ class ImageDiTMixin:
     ``y_embedder``, ``pos_embed``, ``blocks`` (each with ``adaLN_modulation``), ``final_layer`` (with
     ``adaLN_modulation`` and ``linear``), ``in_channels`` and ``input_size``."""
 
+    def build_embedding(self, *, input_size: int, patch_size: int, in_channels: int, hidden_size: int, depth: int,
+                        num_heads: int, num_classes: int, learn_sigma: bool) -> None:
+        """The configuration attributes, the patch / time / label embedders and the fixed position embedding."""
+        if hidden_size % num_heads:
+            raise ValueError(f"num_heads: expected a divisor of hidden_size={hidden_size}, got {num_heads}")
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.hidden_size = hidden_size
+        self.depth = depth
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.learn_sigma = learn_sigma
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.grid_size = self.x_embedder.grid_size[0]
+        self.register_buffer("pos_embed", sincos_2d_pos_embed(hidden_size, self.grid_size).unsqueeze(0))
+
+    def reset_pos_embed(self) -> None:
+        """Recompute the fixed position embedding (e.g. after ``to_empty`` from the meta device)."""
+        with torch.no_grad():
+            pos = sincos_2d_pos_embed(self.hidden_size, self.grid_size, device=self.pos_embed.device)
+            self.pos_embed.copy_(pos.unsqueeze(0))
+
     def init_embedders_and_zero_heads(self) -> None:
         """Xavier patch weights, N(0, 0.02) label table and time MLP; every modulation head and the final linear
         zero (adaLN-Zero), so a fresh model outputs exactly zero."""

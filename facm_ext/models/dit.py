@@ -20,13 +20,9 @@ from torch import nn
 from ._layers import (
     FeedForwardGELU,
     ImageDiTMixin,
-    LabelEmbedder,
-    PatchEmbed,
-    TimestepEmbedder,
     basic_init_,
     modulate,
     silu_linear,
-    sincos_2d_pos_embed,
     unpatchify,
 )
 from .lightningdit import Attention
@@ -92,32 +88,16 @@ class DiT(ImageDiTMixin, nn.Module):
         learn_sigma: bool = False,
     ):
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"num_heads: expected a divisor of hidden_size={hidden_size}, got {num_heads}")
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.hidden_size = hidden_size
-        self.depth = depth
-        self.num_heads = num_heads
-        self.num_classes = num_classes
-        self.learn_sigma = learn_sigma
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        self.grid_size = self.x_embedder.grid_size[0]
-        self.register_buffer("pos_embed", sincos_2d_pos_embed(hidden_size, self.grid_size).unsqueeze(0))
+        self.build_embedding(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                             hidden_size=hidden_size, depth=depth, num_heads=num_heads, num_classes=num_classes,
+                             learn_sigma=learn_sigma)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
         self.final_layer = DiTFinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
     def reset_buffers(self) -> None:
         """Recompute the fixed position embedding (e.g. after ``to_empty`` from the meta device)."""
-        with torch.no_grad():
-            pos = sincos_2d_pos_embed(self.hidden_size, self.grid_size, device=self.pos_embed.device)
-            self.pos_embed.copy_(pos.unsqueeze(0))
+        self.reset_pos_embed()
 
     def initialize_weights(self) -> None:
         """The official initialization (Xavier Linear/patch weights, N(0, 0.02) label table and time MLP,

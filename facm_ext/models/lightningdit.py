@@ -24,14 +24,10 @@ from torch import nn
 from ._layers import (
     FeedForwardGELU,
     ImageDiTMixin,
-    LabelEmbedder,
-    PatchEmbed,
     RMSNorm,
-    TimestepEmbedder,
     basic_init_,
     modulate,
     silu_linear,
-    sincos_2d_pos_embed,
     unpatchify,
 )
 
@@ -233,24 +229,10 @@ class LightningDiT(ImageDiTMixin, nn.Module):
         learn_sigma: bool = False,
     ):
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"num_heads: expected a divisor of hidden_size={hidden_size}, got {num_heads}")
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.hidden_size = hidden_size
-        self.depth = depth
-        self.num_heads = num_heads
-        self.num_classes = num_classes
-        self.learn_sigma = learn_sigma
+        self.build_embedding(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                             hidden_size=hidden_size, depth=depth, num_heads=num_heads, num_classes=num_classes,
+                             learn_sigma=learn_sigma)
         self.use_rope = use_rope
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
-
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        self.grid_size = self.x_embedder.grid_size[0]
-        self.register_buffer("pos_embed", sincos_2d_pos_embed(hidden_size, self.grid_size).unsqueeze(0))
         self.feat_rope = VisionRotaryEmbedding2D(hidden_size // num_heads, self.grid_size) if use_rope else None
         self.blocks = nn.ModuleList(
             [
@@ -270,9 +252,7 @@ class LightningDiT(ImageDiTMixin, nn.Module):
 
     def reset_buffers(self) -> None:
         """Recompute the fixed buffers (position embedding, RoPE tables), e.g. after ``to_empty`` from meta."""
-        with torch.no_grad():
-            pos = sincos_2d_pos_embed(self.hidden_size, self.grid_size, device=self.pos_embed.device)
-            self.pos_embed.copy_(pos.unsqueeze(0))
+        self.reset_pos_embed()
         if self.feat_rope is not None:
             self.feat_rope.reset_tables()
 
