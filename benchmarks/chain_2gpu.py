@@ -184,39 +184,11 @@ def local_bytes(params) -> int:
 
 
 def kernel_overlap(trace_path: str) -> dict:
-    """From a chrome trace: NCCL all-gather / reduce-scatter kernel time and the share of it that overlaps any
-    compute kernel (non-NCCL kernel) on the same GPU timeline."""
-    with open(trace_path) as f:
-        events = json.load(f).get("traceEvents", [])
-    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
-    compute = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" not in e["name"].lower())
-    merged = []
-    for start, end in compute:
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-
-    def overlap_of(pattern):
-        total, covered = 0.0, 0.0
-        for e in kernels:
-            name = e["name"].lower()
-            if "nccl" not in name or pattern not in name:
-                continue
-            start, end = e["ts"], e["ts"] + e["dur"]
-            total += end - start
-            for m_start, m_end in merged:
-                if m_end <= start:
-                    continue
-                if m_start >= end:
-                    break
-                covered += min(end, m_end) - max(start, m_start)
-        return total / 1e3, (covered / total if total else float("nan"))
-
-    gather_ms, gather_overlap = overlap_of("allgather")
-    scatter_ms, scatter_overlap = overlap_of("reducescatter")
-    return dict(allgather_ms=gather_ms, allgather_overlap=gather_overlap, reducescatter_ms=scatter_ms,
-                reducescatter_overlap=scatter_overlap)
+    """All-gather / reduce-scatter kernel time of a chrome trace and the share overlapped by compute kernels."""
+    overlap = _harness.nccl_kernel_overlap(trace_path)
+    return dict(allgather_ms=overlap["allgather_kernel_ms"], allgather_overlap=overlap["allgather_overlap"],
+                reducescatter_ms=overlap["reducescatter_kernel_ms"],
+                reducescatter_overlap=overlap["reducescatter_overlap"])
 
 
 # ------------------------------------------------------------------------------------------------- the runs

@@ -56,3 +56,21 @@ def test_event_median_ms_runs_a_fixed_count_and_takes_the_median(monkeypatch):
     calls = []
     assert _harness.event_median_ms(lambda: calls.append(1), iters=3) == pytest.approx(3.0)
     assert len(calls) == 3
+
+
+def test_nccl_kernel_overlap_of_a_trace(tmp_path):
+    """Compute kernels [0, 10) and [20, 30) us; an all-gather [5, 25) is half covered, a reduce-scatter [40, 50) not."""
+    def kernel(name, ts, dur):
+        return {"cat": "kernel", "name": name, "ts": ts, "dur": dur}
+
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": [
+        kernel("gemm", 0, 10), kernel("elementwise", 20, 10), kernel("gemm", 22, 3),
+        kernel("ncclDevKernel_AllGather_RING", 5, 20), kernel("ncclDevKernel_ReduceScatter_RING", 40, 10),
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 100},
+    ]}))
+    overlap = _harness.nccl_kernel_overlap(str(trace))
+    assert overlap["compute_kernel_ms"] == pytest.approx(0.020)
+    assert overlap["allgather_kernel_ms"] == pytest.approx(0.020) and overlap["allgather_kernels"] == 1
+    assert overlap["allgather_overlap"] == pytest.approx(0.5)
+    assert overlap["reducescatter_kernel_ms"] == pytest.approx(0.010) and overlap["reducescatter_overlap"] == 0.0
