@@ -461,6 +461,16 @@ def rms_norm_jvp(x: Tensor, tx: Optional[Tensor], weight: Optional[Tensor] = Non
     return y, ty
 
 
+def _check_modulated_args(x, tx, shift, tshift, scale, tscale) -> None:
+    """ValueError naming the argument unless x is [B, L, C] with modulation broadcasting to it, tangents matching."""
+    _check_x(x, three_d=True)
+    _common.check_tangent("tx", tx, "x", x)
+    _check_modulation("shift", shift, x)
+    _check_modulation("scale", scale, x)
+    _common.check_tangent("tshift", tshift, "shift", shift)
+    _common.check_tangent("tscale", tscale, "scale", scale)
+
+
 def modulate_jvp(x: Tensor, tx: Optional[Tensor], shift: Tensor, tshift: Optional[Tensor], scale: Tensor,
                  tscale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """adaLN modulation and its JVP: ``y = x * (1 + scale) + shift``, ``y' = x' (1 + scale) + x scale' + shift'``.
@@ -468,12 +478,7 @@ def modulate_jvp(x: Tensor, tx: Optional[Tensor], shift: Tensor, tshift: Optiona
     x: [B, L, C]; shift, scale: [B, C] (broadcast over tokens) or 3-D broadcasting to [B, L, C] (per-token strided
     views included); each tangent None or its primal's shape. Returns (y, ty): [B, L, C] contiguous, x's dtype.
     """
-    _check_x(x, three_d=True)
-    _common.check_tangent("tx", tx, "x", x)
-    _check_modulation("shift", shift, x)
-    _check_modulation("scale", scale, x)
-    _common.check_tangent("tshift", tshift, "shift", shift)
-    _common.check_tangent("tscale", tscale, "scale", scale)
+    _check_modulated_args(x, tx, shift, tshift, scale, tscale)
     y, ty, _, _ = _modulate_op(x, tx, shift, tshift, scale, tscale)
     return y, ty
 
@@ -488,12 +493,7 @@ def adaln_jvp(x: Tensor, tx: Optional[Tensor], shift: Tensor, tshift: Optional[T
     tangents None or their primal's shape; weight: [C] or None. Returns (y, ty): [B, L, C] contiguous, x's dtype.
     """
     _check_norm(norm)
-    _check_x(x, three_d=True)
-    _common.check_tangent("tx", tx, "x", x)
-    _check_modulation("shift", shift, x)
-    _check_modulation("scale", scale, x)
-    _common.check_tangent("tshift", tshift, "shift", shift)
-    _common.check_tangent("tscale", tscale, "scale", scale)
+    _check_modulated_args(x, tx, shift, tshift, scale, tscale)
     _check_channel_vector("weight", weight, x)
     y, ty, _, _ = _adaln_op(x, tx, shift, tshift, scale, tscale, weight, norm, _check_eps(eps))
     return y, ty
