@@ -204,6 +204,18 @@ def _bounded(got, truth, same_dtype_math, dtype, what):
     assert err <= 2 * math_err + 1e-6, f"{what}: relative error {err:.3e} > 2 x math-path error {math_err:.3e}"
 
 
+def _check_against_math(o, to, inputs, dtype, *, key_lengths=None, zero_tangent=False):
+    """Our (o, to) against the float64 reference, each within the bound of :func:`_bounded` (the math-path JVP in
+    ``dtype`` sets it); ``zero_tangent``: every tangent input was None, so ``to`` must be exactly zero."""
+    ref_o, ref_to = _reference_jvp(*inputs, key_lengths=key_lengths)
+    math_o, math_to = _reference_jvp(*inputs, key_lengths=key_lengths, dtype=dtype)
+    _bounded(o, ref_o, math_o, dtype, "o")
+    if zero_tangent:
+        assert torch.count_nonzero(to) == 0
+    else:
+        _bounded(to, ref_to, math_to, dtype, "to")
+
+
 GPU_SHAPES = [(2, 3, 1, 17, 72), (1, 2, 17, 130, 128), (2, 2, 130, 130, 72), (1, 2, 257, 64, 64), (1, 2, 100, 77, 80),
               (1, 2, 129, 200, 96), (1, 1, 64, 64, 16)]
 
@@ -218,13 +230,7 @@ def test_gpu_triton_forward(dtype, shape, tangent_set):
     q, k, v, tq, tk, tv = _inputs(*shape, dtype, "cuda", TANGENT_SETS[tangent_set])
     assert attention_ops._forward_backend(q) == "triton"
     o, to = attention_jvp(q, k, v, tq, tk, tv)
-    ref_o, ref_to = _reference_jvp(q, k, v, tq, tk, tv)
-    math_o, math_to = _reference_jvp(q, k, v, tq, tk, tv, dtype=dtype)
-    _bounded(o, ref_o, math_o, dtype, "o")
-    if tangent_set == "none":
-        assert torch.count_nonzero(to) == 0
-    else:
-        _bounded(to, ref_to, math_to, dtype, "to")
+    _check_against_math(o, to, (q, k, v, tq, tk, tv), dtype, zero_tangent=tangent_set == "none")
 
 
 @requires_cuda
@@ -235,10 +241,7 @@ def test_gpu_triton_key_lengths_and_noncontiguous(dtype, lengths):
     key_lengths = torch.tensor(lengths, device="cuda", dtype=torch.int32)
     args = [noncontiguous(x) for x in (q, k, v, tq, tk, tv)]
     o, to = attention_jvp(*args, key_lengths=key_lengths)
-    ref_o, ref_to = _reference_jvp(q, k, v, tq, tk, tv, key_lengths=key_lengths)
-    math_o, math_to = _reference_jvp(q, k, v, tq, tk, tv, key_lengths=key_lengths, dtype=dtype)
-    _bounded(o, ref_o, math_o, dtype, "o")
-    _bounded(to, ref_to, math_to, dtype, "to")
+    _check_against_math(o, to, (q, k, v, tq, tk, tv), dtype, key_lengths=key_lengths)
 
 
 @requires_cuda
@@ -252,10 +255,7 @@ def test_gpu_exact_head_split(dtype, head_dim, tangent_set, monkeypatch):
     key_lengths = torch.tensor([77, 130], device="cuda")
     o, to = attention_jvp(*[None if x is None else noncontiguous(x) for x in (q, k, v, tq, tk, tv)],
                           key_lengths=key_lengths)
-    ref_o, ref_to = _reference_jvp(q, k, v, tq, tk, tv, key_lengths=key_lengths)
-    math_o, math_to = _reference_jvp(q, k, v, tq, tk, tv, key_lengths=key_lengths, dtype=dtype)
-    _bounded(o, ref_o, math_o, dtype, "o")
-    _bounded(to, ref_to, math_to, dtype, "to")
+    _check_against_math(o, to, (q, k, v, tq, tk, tv), dtype, key_lengths=key_lengths)
 
 
 @requires_cuda
@@ -272,13 +272,8 @@ def test_gpu_align_hints(dtype, tangent_set, shape, lengths, monkeypatch):
     assert attention_jvp_triton._align_hints(q, k, v)
     key_lengths = None if lengths is None else torch.tensor(lengths, device="cuda")
     o, to = attention_jvp(q, k, v, tq, tk, tv, key_lengths=key_lengths)
-    ref_o, ref_to = _reference_jvp(q, k, v, tq, tk, tv, key_lengths=key_lengths)
-    math_o, math_to = _reference_jvp(q, k, v, tq, tk, tv, key_lengths=key_lengths, dtype=dtype)
-    _bounded(o, ref_o, math_o, dtype, "o")
-    if tangent_set == "none":
-        assert torch.count_nonzero(to) == 0
-    else:
-        _bounded(to, ref_to, math_to, dtype, "to")
+    _check_against_math(o, to, (q, k, v, tq, tk, tv), dtype, key_lengths=key_lengths,
+                        zero_tangent=tangent_set == "none")
 
 
 @requires_cuda
@@ -344,10 +339,7 @@ def test_gpu_large(shape):
     tangents = (True, False, False) if shape[3] != shape[2] else (True, True, True)
     q, k, v, tq, tk, tv = _inputs(*shape, dtype, "cuda", tangents)
     o, to = attention_jvp(q, k, v, tq, tk, tv)
-    ref_o, ref_to = _reference_jvp(q, k, v, tq, tk, tv)
-    math_o, math_to = _reference_jvp(q, k, v, tq, tk, tv, dtype=dtype)
-    _bounded(o, ref_o, math_o, dtype, "o")
-    _bounded(to, ref_to, math_to, dtype, "to")
+    _check_against_math(o, to, (q, k, v, tq, tk, tv), dtype)
 
 
 @requires_cuda
