@@ -138,6 +138,15 @@ def wan_step(block, x, e, context, rope_cos, rope_sin, seq_lens=None, context_le
 
 
 # -------------------------------------------------------------------------------------- chain scenario driver
+def _with_leaves(context, context_tangents, leaves) -> list:
+    """``context`` with each entry that has a tangent replaced by the next of ``leaves`` (in order)."""
+    leaves, result = iter(leaves), list(context)
+    for i, t in enumerate(context_tangents):
+        if t is not None:
+            result[i] = next(leaves)
+    return result
+
+
 def run_chain_case(model, reference, step, carry, carry_tangent, context, context_tangents, kwargs, *, prefetch,
                    mode, grad_seed=5, raise_at=None):
     """One ChainJVP call on the sharded model vs the reference; returns errors and gather statistics."""
@@ -145,12 +154,7 @@ def run_chain_case(model, reference, step, carry, carry_tangent, context, contex
     leaf_inputs = [carry] + [c for c, t in zip(context, context_tangents) if t is not None]
 
     ref_inputs = [x.detach().clone().requires_grad_(True) for x in leaf_inputs]
-    ref_context = list(context)
-    k = 1
-    for i, t in enumerate(context_tangents):
-        if t is not None:
-            ref_context[i] = ref_inputs[k]
-            k += 1
+    ref_context = _with_leaves(context, context_tangents, ref_inputs[1:])
     reference.zero_grad(set_to_none=True)
     ref_out, ref_tangent = reference_chain(reference.blocks, step, ref_inputs[0], carry_tangent, ref_context,
                                            context_tangents, kwargs)
@@ -158,12 +162,7 @@ def run_chain_case(model, reference, step, carry, carry_tangent, context, contex
     (ref_out * weight).sum().backward()
 
     inputs = [x.detach().clone().requires_grad_(mode != "tangent") for x in leaf_inputs]
-    chain_context = list(context)
-    k = 1
-    for i, t in enumerate(context_tangents):
-        if t is not None:
-            chain_context[i] = inputs[k]
-            k += 1
+    chain_context = _with_leaves(context, context_tangents, inputs[1:])
     model.zero_grad(set_to_none=True)
     seen_dtypes = set()
 
