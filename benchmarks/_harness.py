@@ -1,8 +1,10 @@
 """Measurement helpers shared by the benchmarks: median times, peak memory, the card's measured ceilings, and a
 result table that benchmarks/conftest.py prints at the end of the session and writes as JSON.
 
-Timing: ``triton.testing.do_bench`` median (CUDA events, L2 flushed between runs). Ceilings are measured in the same
-process: device-to-device copy bandwidth (bytes read + written) and a large bf16 matmul rate.
+Timing: ``triton.testing.do_bench`` median (CUDA events, L2 flushed between runs). Single-op benchmarks of
+memory-bound kernels time the kernels alone (:func:`kernel_ms`: the call captured in a CUDA graph and replayed), since
+one eager call of a ~50 us op can take longer to issue from Python than its kernel takes to run. Ceilings are measured
+in the same process: device-to-device copy bandwidth (bytes read + written) and a large bf16 matmul rate.
 """
 
 from __future__ import annotations
@@ -30,6 +32,26 @@ def median_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def kernel_ms(fn) -> float:
+    """Median GPU milliseconds of one call of fn with the host out of the loop: fn is captured once in a CUDA graph
+    (after two warm-up calls on a side stream) and the graph is replayed under do_bench, L2 flushed between
+    replays. The graph launches fn's kernels back to back, so this is the kernels' time, whichever Python issued
+    them (our op wrapper, eager torch.func.jvp or a compiled function)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    try:
+        return median_ms(graph.replay)
+    finally:
+        del graph
+
+
 def event_median_ms(fn, *, iters: int) -> float:
     """Median CUDA-event milliseconds of ``iters`` synchronized calls (a fixed count, unlike :func:`median_ms`:
     collectives need every rank to run the same calls); host wall time without CUDA."""
@@ -53,14 +75,15 @@ def event_median_ms(fn, *, iters: int) -> float:
     return statistics.median(times)
 
 
-def timed_ms(benchmark, fn) -> float:
-    """Give pytest-benchmark a synchronized run of fn (its own statistics), return the do_bench median in ms."""
+def timed_ms(benchmark, fn, *, kernel_only: bool = False) -> float:
+    """Give pytest-benchmark a synchronized run of fn (its own statistics), return the do_bench median in ms
+    (of the CUDA-graph replay, :func:`kernel_ms`, with ``kernel_only``)."""
     def synced():
         fn()
         torch.cuda.synchronize()
 
     benchmark.pedantic(synced, rounds=5, warmup_rounds=2)
-    return median_ms(fn)
+    return kernel_ms(fn) if kernel_only else median_ms(fn)
 
 
 def peak_extra_memory_gib(fn) -> float:
@@ -117,9 +140,11 @@ def record(group: str, case: str, impl: str, ms: float, *, bytes_moved: float | 
 
 
 def record_alternatives(group: str, case: str, alternatives: dict, ours_ms: float, *, ours_label: str = "ours",
-                        bytes_moved: float | None = None, flops: float | None = None) -> None:
-    """Time each baseline ``{impl: fn}`` and record it with how many times faster ours is; a baseline that fails
-    (out of memory, no forward AD, a compile error) is recorded as a row saying so, since that is the result."""
+                        bytes_moved: float | None = None, flops: float | None = None,
+                        kernel_only: bool = False) -> None:
+    """Time each baseline ``{impl: fn}`` (as :func:`kernel_ms` with ``kernel_only``, the way ours was timed) and
+    record it with how many times faster ours is; a baseline that fails (out of memory, no forward AD, a compile
+    error) is recorded as a row saying so, since that is the result."""
     for impl, fn in alternatives.items():
         try:
             fn()
@@ -127,9 +152,17 @@ def record_alternatives(group: str, case: str, alternatives: dict, ours_ms: floa
             record(group, case, impl, float("nan"),
                    note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
             continue
-        ms = median_ms(fn)
+        timing_note = ""
+        if kernel_only:
+            try:
+                ms = kernel_ms(fn)
+            except RuntimeError as exc:  # a baseline CUDA graphs cannot capture: time its eager calls, and say so
+                ms = median_ms(fn)
+                timing_note = f"; not capturable ({str(exc).splitlines()[0][:60]}), timed eagerly"
+        else:
+            ms = median_ms(fn)
         record(group, case, impl, ms, bytes_moved=bytes_moved, flops=flops, peak_gib=peak_extra_memory_gib(fn),
-               note=f"{ours_label} {ms / ours_ms:.2f}x faster")
+               note=f"{ours_label} {ms / ours_ms:.2f}x faster{timing_note}")
 
 
 def format_table(rows: list[dict]) -> str:

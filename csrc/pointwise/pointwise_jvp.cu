@@ -250,14 +250,11 @@ bool needs_64bit_index(const Shape3& shape) {
   return shape.batches * shape.tokens * shape.channels > static_cast<int64_t>(INT32_MAX);
 }
 
-// Launches `kernel` over work_items grid-stride steps, at most one wave of resident blocks.
+// Launches `kernel` over work_items grid-stride steps, one thread per step (vec_io::covering_blocks).
 template <typename... KernelArgs, typename... Args>
 cudaError_t launch(void (*kernel)(KernelArgs...), int64_t work_items, cudaStream_t stream, Args&&... args) {
   if (work_items <= 0) return cudaSuccess;
-  int64_t max_blocks = 0;
-  const cudaError_t err = vec_io::max_resident_blocks(kThreads, &max_blocks);
-  if (err != cudaSuccess) return err;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((work_items + kThreads - 1) / kThreads, max_blocks));
+  const int64_t blocks = vec_io::covering_blocks(work_items, kThreads);
   kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(std::forward<Args>(args)...);
   return cudaGetLastError();
 }

@@ -126,16 +126,14 @@ cudaError_t launch_typed(const RopeArgs& a, cudaStream_t stream) {
                        vec_io::aligned16(a.out) && vec_io::aligned16(a.tout) && a.out_stride_b % kWidth == 0 &&
                        a.out_stride_h % kWidth == 0 && a.out_stride_l % kWidth == 0;
   const bool wide_index = a.batches * a.tokens * span > static_cast<int64_t>(INT32_MAX);
-  int64_t max_blocks = 0;
-  cudaError_t err = vec_io::max_resident_blocks(kThreads, &max_blocks);
-  if (err != cudaSuccess) return err;
+  cudaError_t err = cudaSuccess;
 
   auto go = [&](auto width, auto aligned_tag, auto idx_tag) {
     constexpr int E = decltype(width)::value;
     using Idx = typename decltype(idx_tag)::type;
     const int64_t items = a.batches * a.tokens * (span / E);
     if (items <= 0) return;
-    const int64_t blocks = std::min<int64_t>((items + kThreads - 1) / kThreads, max_blocks);
+    const int64_t blocks = vec_io::covering_blocks(items, kThreads);
     with_bool(a.tx.ptr != nullptr, [&](auto tangent) {
       with_bool(a.interleaved, [&](auto interleaved) {
         with_bool(a.per_pair, [&](auto per_pair) {
