@@ -110,7 +110,9 @@ def stub_ops() -> list:
             if isinstance(value, JVPCustomOp):
                 fake = value.op._abstract_fn
                 function_forward = None
-                if value._function is not None:
+                if value._function is not None and "setup_context" in value._function.__dict__:
+                    # Older checkouts build the eager Function with a separate setup_context and the op body as its
+                    # forward; the current form's forward calls op._impl, replaced below.
                     function_forward = value._function.__dict__["forward"]
                     value._function.forward = staticmethod(fake)
                 saved.append((value, value._impl, function_forward))

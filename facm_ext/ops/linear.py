@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from facm_ext.ops._common import (
     jvp_custom_op,
     OpInfo,
+    autocast_disabled,
     _forced_backend,
     check_same_device,
     check_same_dtype,
@@ -118,7 +119,7 @@ def _linear_jvp_reference(x, tx, weight, bias):
 @jvp_custom_op("facm_ext::linear_jvp")
 def _linear_jvp_op(x: torch.Tensor, tx: Optional[torch.Tensor], weight: torch.Tensor,
                    bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_disabled(x.device.type):
         if x.numel() > 0 and use_dual_gemm(x, tx, weight, bias, by_default=LINEAR_DUAL_GEMM_BY_DEFAULT):
             from facm_ext.kernels.mlp_jvp_triton import dual_gemm
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from facm_ext.ops._common import (
     jvp_custom_op,
     OpInfo,
+    autocast_disabled,
     check_same_device,
     check_same_dtype,
     check_tangent,
@@ -142,7 +143,7 @@ def _mlp_jvp_op(x: torch.Tensor, tx: Optional[torch.Tensor], w1: torch.Tensor, b
 
     save_for_backward: keep the primal pre-activation for the backward (else the backward recomputes it)."""
     lead = x.shape[:-1]
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_disabled(x.device.type):
         kernels = x.numel() > 0 and use_triton(x, tx, w1, b1, w2, b2, dtypes=TRITON_DTYPES)
         fused_up = x.numel() > 0 and use_dual_gemm(x, tx, w1, b1, w2, b2, by_default=up_mode() == "fused")
         if not (kernels or fused_up):
