@@ -24,15 +24,24 @@ PLAIN, FSDP2, FSDP1 = "plain", "fsdp2", "fsdp1"
 
 
 # ------------------------------------------------------------------------------------------------ unit detection
+_NOT_LOOKED_UP = object()
+_fsdp2_class = _NOT_LOOKED_UP
+
+
 def _fsdp2_module_class():
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch < 2.6 kept FSDP2 under _composable
+    """FSDPModule, or None when this torch has no FSDP2; imported once (is_fsdp2_unit runs on every module call
+    of a transform once the chain's handler is registered)."""
+    global _fsdp2_class
+    if _fsdp2_class is _NOT_LOOKED_UP:
         try:
-            from torch.distributed._composable.fsdp import FSDPModule
-        except ImportError:
-            return None
-    return FSDPModule
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # torch < 2.6 kept FSDP2 under _composable
+            try:
+                from torch.distributed._composable.fsdp import FSDPModule
+            except ImportError:
+                FSDPModule = None
+        _fsdp2_class = FSDPModule
+    return _fsdp2_class
 
 
 def _fsdp1_module_class():

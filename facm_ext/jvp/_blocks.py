@@ -30,7 +30,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._dual import STATE, DualTensor, make_dual, record_fallback, split_dual
+from ._dual import (
+    STATE,
+    DisableTorchFunctionSubclass,
+    DualTensor,
+    make_dual,
+    record_fallback,
+    split_dual,
+    wrap_op_result,
+)
 from ._rules import call_op
 
 
@@ -77,15 +85,17 @@ def adaln_block_rule(module: nn.Module):
         if kwargs or len(args) < 2 or module_ref() is not mod:
             return NotImplemented
         x, c = args[0], args[1]
-        if not (isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[-1] == channels
-                and isinstance(c, torch.Tensor) and c.dim() == 2 and c.shape[0] == x.shape[0]):
-            return NotImplemented
-        what = f"{type(mod).__name__} (adaLN block)"
+        # Shapes read with the subclass's torch-function handling off: on a dual, each read would be a dispatch.
+        with DisableTorchFunctionSubclass():
+            if not (isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[-1] == channels
+                    and isinstance(c, torch.Tensor) and c.dim() == 2 and c.shape[0] == x.shape[0]):
+                return NotImplemented
+            batch = x.shape[0]
         if "ok" not in verdict:
-            sample = tuple(_first_sample(a, x.shape[0]) for a in args)
+            sample = tuple(_first_sample(a, batch) for a in args)
             verdict["ok"], why = _verify(mod, sample, lambda block, a: _fused_forward(block, a, norms))
             if not verdict["ok"]:
-                record_fallback(what, why)
+                record_fallback(f"{type(mod).__name__} (adaLN block)", why)
         if not verdict["ok"]:
             return NotImplemented
         return _fused_forward(mod, args, norms)
@@ -111,7 +121,7 @@ def _adaln(x, shift, scale, spec, norm_module: nn.Module, per_token: bool = Fals
         result, why = call_op("adaln_jvp", "adaLN block norm+modulate", x_p, x_t, shift_p, shift_t, scale_p,
                               scale_t, norm=kind, weight=w, eps=eps)
         if result is not None:
-            return make_dual(*result)
+            return wrap_op_result(*result)
         record_fallback("adaLN block norm+modulate", why)
     if per_token:
         return norm_module(x) * (1 + scale) + shift
@@ -133,7 +143,7 @@ def _gated(x, gate, y, per_token: bool = False):
             primal, tangent = result
             if primal.dtype != out_dtype:
                 primal, tangent = primal.to(out_dtype), tangent.to(out_dtype)
-            return make_dual(primal, tangent)
+            return wrap_op_result(primal, tangent)
         record_fallback("adaLN block gated residual", why)
     if per_token:
         return x + y * gate
@@ -253,11 +263,11 @@ def wan_block_rule(module: nn.Module):
         bound.apply_defaults()
         args = tuple(bound.arguments.values())
         x, e = args[0], args[1]
-        if not (isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[-1] == channels
-                and isinstance(e, torch.Tensor) and e.dim() == 4 and tuple(e.shape[2:]) == (6, channels)
-                and e.shape[:2] == x.shape[:2]):
-            return NotImplemented
-        what = f"{type(mod).__name__} (Wan block)"
+        with DisableTorchFunctionSubclass():  # shape reads on duals without a dispatch each
+            if not (isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[-1] == channels
+                    and isinstance(e, torch.Tensor) and e.dim() == 4 and tuple(e.shape[2:]) == (6, channels)
+                    and e.shape[:2] == x.shape[:2]):
+                return NotImplemented
         if "ok" not in verdict:
             sample = _wan_window(args)
             if sample is None:
@@ -265,7 +275,7 @@ def wan_block_rule(module: nn.Module):
             else:
                 verdict["ok"], why = _verify(mod, sample, fused)
             if not verdict["ok"]:
-                record_fallback(what, why)
+                record_fallback(f"{type(mod).__name__} (Wan block)", why)
         if not verdict["ok"]:
             return NotImplemented
         return fused(mod, args)

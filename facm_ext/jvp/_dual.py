@@ -27,6 +27,21 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 DisableTorchFunctionSubclass = torch._C.DisableTorchFunctionSubclass
 
 
+class _no_grad:
+    """``torch.no_grad()`` for the per-op paths: the same grad-mode switch without the decorator machinery of
+    torch.no_grad (which builds a torch.set_grad_enabled object on entry); a third of its cost, and the transform
+    enters it once per op."""
+
+    __slots__ = ("prev",)
+
+    def __enter__(self):
+        self.prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+
+    def __exit__(self, *exc_info):
+        torch._C._set_grad_enabled(self.prev)
+
+
 class JVPTransformError(RuntimeError):
     """A construct inside the transformed function that facm_ext.jvp cannot differentiate correctly."""
 
@@ -383,6 +398,11 @@ def fallback(func, args: tuple, kwargs: dict, *, tangent_context: Optional[Calla
     backend, the only one with a forward-mode rule). what/reason: the report's name for the call and why a fused
     rule did not take it.
     """
+    if args and type(args[0]) is DualTensor and args[0]._facm_tangent is not None:
+        kind = _classify(func)[0]
+        if (kind in ("view", "linear_first") and _only_first_is_dual(args, kwargs)
+                and kwargs.get("inplace") is not True and kwargs.get("out") is None):
+            return _same_op_on_tangent(func, kind, args, kwargs, what, reason)
     flat, spec = _flatten_call(args, kwargs)
     dual_idx = [i for i, a in enumerate(flat) if type(a) is DualTensor]
     if not any(flat[i]._facm_tangent is not None for i in dual_idx):
@@ -430,7 +450,7 @@ def fallback(func, args: tuple, kwargs: dict, *, tangent_context: Optional[Calla
 
     first_dual = bool(args) and type(args[0]) is DualTensor
     tangents_flat: Optional[list] = None
-    with torch.no_grad(), DisableTorchFunctionSubclass():
+    with _no_grad(), DisableTorchFunctionSubclass():
         if kind in ("view", "linear_first"):
             if first_dual and all(i == 0 or flat[i]._facm_tangent is None for i in dual_idx):
                 tangents_flat = _as_list(func(args[0]._facm_tangent, *args[1:], **kwargs))
@@ -505,6 +525,69 @@ def _shares_storage(outputs: list, source: torch.Tensor) -> bool:
         return any(isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() == source_ptr for o in outputs)
 
 
+def _only_first_is_dual(args: tuple, kwargs: dict) -> bool:
+    """True when no argument but ``args[0]`` is a dual, looking one level into lists and tuples; False (so the
+    caller takes the general path) as well for dicts and deeper nesting, which are not looked into."""
+    for i in range(1, len(args)):
+        a = args[i]
+        if type(a) is DualTensor or isinstance(a, dict):
+            return False
+        if isinstance(a, (list, tuple)):
+            for v in a:
+                if type(v) is DualTensor or isinstance(v, (list, tuple, dict)):
+                    return False
+    for v in kwargs.values():
+        if type(v) is DualTensor or isinstance(v, (list, tuple, dict)):
+            return False
+    return True
+
+
+def _same_op_on_tangent(func, kind: str, args: tuple, kwargs: dict, what: Optional[str], reason: Optional[str]):
+    """fallback() of a view or an op linear in its first argument, when that argument is the only dual and carries
+    a tangent: the tangent is ``func`` applied to that tangent with the other arguments unchanged. The same
+    computation as fallback()'s general path (which flattens the call first), for the transform's most common
+    fallback (reshape, permute, transpose, chunk, unbind, to, ...)."""
+    if STATE.report is not None:
+        record_fallback(what or func_name(func), reason)
+    source = args[0]
+    with DisableTorchFunctionSubclass():
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            if not _is_differentiable_dtype(out):
+                return out
+            out_flat, how, diff_positions = [out], None, None
+        else:
+            out_flat, how = _flatten_out(out)
+            diff_positions = [i for i, o in enumerate(out_flat)
+                              if isinstance(o, torch.Tensor) and _is_differentiable_dtype(o)]
+            if not diff_positions:
+                return out
+        with _no_grad():
+            tangents_flat = _as_list(func(source._facm_tangent, *args[1:], **kwargs))
+        # reshape/contiguous/flatten/... return a view only sometimes: flag memory sharing only when it happened.
+        is_view = False
+        if kind == "view":
+            source_ptr = source.untyped_storage().data_ptr()
+            is_view = any(isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() == source_ptr
+                          for o in out_flat)
+    if how is None:
+        tangent = tangents_flat[0]
+        result = _wrap(out, tangent if isinstance(tangent, torch.Tensor) else None)
+        if is_view:
+            result._facm_shares_memory = True
+            source._facm_shares_memory = True
+        return result
+    result = list(out_flat)
+    for i in diff_positions:
+        tangent = tangents_flat[i] if i < len(tangents_flat) else None
+        result[i] = _wrap(out_flat[i], tangent if isinstance(tangent, torch.Tensor) else None)
+        if is_view:
+            result[i]._facm_shares_memory = True
+    if is_view:
+        source._facm_shares_memory = True
+    return _unflatten_out(result, how)
+
+
 def _as_list(out) -> list:
     if isinstance(out, torch.Tensor):
         return [out]
@@ -512,17 +595,27 @@ def _as_list(out) -> list:
 
 
 def _wrap(primal: torch.Tensor, tangent: Optional[torch.Tensor]) -> "DualTensor":
-    """make_dual without argument checks, for the transform's own outputs (primal plain, tangent graph-free)."""
-    if tangent is not None:
-        if tangent.dtype != primal.dtype:
-            tangent = tangent.to(primal.dtype)
-        if tangent.shape != primal.shape:
-            tangent = tangent.expand(primal.shape)
+    """make_dual without argument checks, for the transform's own outputs (a floating primal, a graph-free
+    tangent). The primal may itself be a dual (an op that returned its input): the result is a new alias of it."""
     with DisableTorchFunctionSubclass():
+        if tangent is not None:
+            if tangent.dtype != primal.dtype:
+                tangent = tangent.to(primal.dtype)
+            if tangent.shape != primal.shape:
+                tangent = tangent.expand(primal.shape)
         dual = primal.as_subclass(DualTensor)
     dual._facm_tangent = tangent
     dual._facm_shares_memory = False
     return dual
+
+
+def wrap_op_result(primal: torch.Tensor, tangent: Optional[torch.Tensor]) -> "DualTensor":
+    """The dual of a fused op's ``(primal, tangent)`` result: make_dual without its argument checks. The ops return
+    a plain floating primal and a tangent marked non-differentiable; a tangent that still requires grad (which
+    none should) is detached, as make_dual would."""
+    if tangent is not None and tangent.requires_grad:
+        tangent = tangent.detach()
+    return _wrap(primal, tangent)
 
 
 def _pad_arguments(args: tuple, kwargs: dict) -> tuple:

@@ -37,7 +37,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ._dual import STATE, DualTensor, make_dual, record_fallback, record_fused, split_dual
+from torch.nn.modules import module as _module_globals
+
+from ._dual import STATE, DualTensor, record_fallback, record_fused, split_dual, wrap_op_result
 from ._rules import autocast_lower_precision, call_op
 
 # ------------------------------------------------------------------------------------------------- registries
@@ -187,8 +189,9 @@ def _eager_call(module: nn.Module, args: tuple, kwargs: dict):
     """The module's normal call (hooks included), but never through torch.compile: dynamo cannot trace dual
     values, so a compiled module (``torch.compile(module)`` or ``module.compile()``) runs its original module
     eagerly under the transform, its submodules and functions intercepted as usual."""
-    original = getattr(module, "_orig_mod", None)
-    if original is not None and type(module).__name__ == "OptimizedModule":
+    # The type name first: getattr of a missing attribute goes through nn.Module.__getattr__, which raises.
+    original = getattr(module, "_orig_mod", None) if type(module).__name__ == "OptimizedModule" else None
+    if original is not None:
         record_fallback(f"{type(original).__name__} (torch.compile'd module)", "run eagerly under the transform")
         return original(*args, **kwargs)
     if getattr(module, "_compiled_call_impl", None) is not None:
@@ -198,14 +201,23 @@ def _eager_call(module: nn.Module, args: tuple, kwargs: dict):
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    from torch.nn.modules import module as module_mod
-
-    if (module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks
-            or module_mod._global_backward_hooks or module_mod._global_backward_pre_hooks):
+    if (_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks
+            or _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks):
         return True
-    for m in module.modules():
+    return _tree_has_hooks(module)
+
+
+def _tree_has_hooks(module: nn.Module) -> bool:
+    """Hooks on the module or any submodule: the walk of module.modules() without building the submodules'
+    names (this runs on every call of a pattern module)."""
+    queue, seen = [module], {id(module)}
+    for m in queue:  # grows while it is walked
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
             return True
+        for child in m._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                queue.append(child)
     return False
 
 
@@ -348,7 +360,7 @@ def _make_mlp_rule(first: nn.Linear, second: nn.Linear, activation: str):
         if result is None:
             record_fallback(what, why)
             return NotImplemented
-        return make_dual(*result)
+        return wrap_op_result(*result)
 
     return mlp_rule
 
@@ -392,8 +404,12 @@ def _rms_norm_like(module: nn.Module):
         if x_t is None or x_p.shape[-1] != features:
             return NotImplemented
         w = mod.weight
-        out_dtype = {"input": x_p.dtype, "promote": torch.promote_types(x_p.dtype, w.dtype),
-                     "weight": w.dtype}[policy]
+        if policy == "input":
+            out_dtype = x_p.dtype
+        elif policy == "promote":
+            out_dtype = torch.promote_types(x_p.dtype, w.dtype)
+        else:
+            out_dtype = w.dtype
         x_c = x_p if x_p.dtype == out_dtype else x_p.to(out_dtype)
         t_c = x_t if x_t.dtype == out_dtype else x_t.to(out_dtype)
         w_c = w if w.dtype == out_dtype else w.to(out_dtype)
@@ -402,7 +418,7 @@ def _rms_norm_like(module: nn.Module):
         if result is None:
             record_fallback(what, why)
             return NotImplemented
-        return make_dual(*result)
+        return wrap_op_result(*result)
 
     rms_norm_rule.norm_spec = ("rms", policy)
     return rms_norm_rule
@@ -505,7 +521,7 @@ def _make_rope_rule(module: nn.Module, source: str, order, interleaved: bool, ta
         if result is None:
             record_fallback(what, why)
             return NotImplemented
-        return make_dual(*result)
+        return wrap_op_result(*result)
 
     return rope_rule
 

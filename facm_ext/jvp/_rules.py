@@ -30,12 +30,13 @@ import torch.nn.functional as F
 
 from ._dual import (
     FUSED_FUNCTION_RULES,
+    DisableTorchFunctionSubclass,
     fallback,
-    make_dual,
     plain,
     record_fused,
     split_dual,
     tangent_of,
+    wrap_op_result,
 )
 
 _OP_CACHE: dict[str, tuple[Optional[Callable], Optional[str]]] = {}
@@ -71,6 +72,10 @@ def call_op(name: str, what: str, *args, **kwargs):
 
 def _bind(args: tuple, kwargs: dict, names: tuple, defaults: tuple) -> list:
     """Positional-or-keyword arguments of a function as a list in ``names`` order (defaults for the tail)."""
+    missing = len(names) - len(args)
+    if not kwargs and 0 <= missing <= len(defaults):
+        # All given positionally (the common call): the tail is the last `missing` defaults.
+        return [*args, *defaults[len(defaults) - missing:]]
     values = list(args) + [None] * (len(names) - len(args))
     first_default = len(names) - len(defaults)
     for i, name in enumerate(names):
@@ -107,7 +112,7 @@ def _linear_rule(args, kwargs):
     result, why = call_op("linear_jvp", "F.linear", x_p, x_t, plain(weight), plain(bias))
     if result is None:
         return fallback(F.linear, args, kwargs, reason=why)
-    return make_dual(*result)
+    return wrap_op_result(*result)
 
 
 def _math_sdpa_backend():
@@ -146,11 +151,14 @@ def _sdpa_rule(args, kwargs):
         return _sdpa_fallback(args, kwargs)
     if dropout_p != 0.0 or is_causal or enable_gqa:
         return _sdpa_fallback(args, kwargs, reason="dropout/is_causal/enable_gqa not fused")
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return _sdpa_fallback(args, kwargs, reason="only 4-D [B, H, L, D] inputs are fused")
+    # Shapes read with the subclass's torch-function handling off: on a dual, each read would be a dispatch.
+    with DisableTorchFunctionSubclass():
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+            return _sdpa_fallback(args, kwargs, reason="only 4-D [B, H, L, D] inputs are fused")
+        batch, keys = q.shape[0], k.shape[-2]
     key_lengths = None
     if attn_mask is not None:
-        key_lengths = _key_lengths_of_mask(plain(attn_mask), q.shape[0], k.shape[-2])
+        key_lengths = _key_lengths_of_mask(plain(attn_mask), batch, keys)
         if key_lengths is None:
             return _sdpa_fallback(args, kwargs, reason="attn_mask other than a boolean key-prefix mask not fused")
     qp, kp, vp = plain(q), plain(k), plain(v)
@@ -159,7 +167,7 @@ def _sdpa_rule(args, kwargs):
                           key_lengths=key_lengths)
     if result is None:
         return _sdpa_fallback(args, kwargs, reason=why)
-    return make_dual(*result)
+    return wrap_op_result(*result)
 
 
 def _layer_norm_rule(args, kwargs):
@@ -169,14 +177,14 @@ def _layer_norm_rule(args, kwargs):
         return fallback(F.layer_norm, args, kwargs)
     if tangent_of(weight) is not None or tangent_of(bias) is not None:
         return fallback(F.layer_norm, args, kwargs, reason="weight/bias carry a tangent")
-    if len(tuple(normalized_shape)) != 1 or tuple(normalized_shape)[0] != x.shape[-1]:
-        return fallback(F.layer_norm, args, kwargs, reason="only normalization over the last dim is fused")
     x_p, x_t = split_dual(x)
+    if len(tuple(normalized_shape)) != 1 or tuple(normalized_shape)[0] != x_p.shape[-1]:
+        return fallback(F.layer_norm, args, kwargs, reason="only normalization over the last dim is fused")
     result, why = call_op("layer_norm_jvp", "F.layer_norm", x_p, x_t, _like(weight, x_p), _like(bias, x_p),
                           eps=eps)
     if result is None:
         return fallback(F.layer_norm, args, kwargs, reason=why)
-    return make_dual(*result)
+    return wrap_op_result(*result)
 
 
 def _rms_norm_rule(args, kwargs):
@@ -186,15 +194,15 @@ def _rms_norm_rule(args, kwargs):
         return fallback(F.rms_norm, args, kwargs)
     if tangent_of(weight) is not None:
         return fallback(F.rms_norm, args, kwargs, reason="weight carries a tangent")
-    if len(tuple(normalized_shape)) != 1 or tuple(normalized_shape)[0] != x.shape[-1]:
-        return fallback(F.rms_norm, args, kwargs, reason="only normalization over the last dim is fused")
     x_p, x_t = split_dual(x)
+    if len(tuple(normalized_shape)) != 1 or tuple(normalized_shape)[0] != x_p.shape[-1]:
+        return fallback(F.rms_norm, args, kwargs, reason="only normalization over the last dim is fused")
     if eps is None:
         eps = torch.finfo(x_p.dtype).eps
     result, why = call_op("rms_norm_jvp", "F.rms_norm", x_p, x_t, _like(weight, x_p), eps=eps)
     if result is None:
         return fallback(F.rms_norm, args, kwargs, reason=why)
-    return make_dual(*result)
+    return wrap_op_result(*result)
 
 
 def _gelu_rule(args, kwargs):
@@ -205,7 +213,7 @@ def _gelu_rule(args, kwargs):
     result, why = call_op("gelu_jvp", "F.gelu", x_p, x_t, approximate=approximate)
     if result is None:
         return fallback(F.gelu, args, kwargs, reason=why)
-    return make_dual(*result)
+    return wrap_op_result(*result)
 
 
 def _silu_rule(args, kwargs):
@@ -216,7 +224,7 @@ def _silu_rule(args, kwargs):
     result, why = call_op("silu_jvp", "F.silu", x_p, x_t)
     if result is None:
         return fallback(F.silu, args, kwargs, reason=why)
-    return make_dual(*result)
+    return wrap_op_result(*result)
 
 
 FUSED_FUNCTION_RULES.update({

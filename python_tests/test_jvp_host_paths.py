@@ -1,0 +1,323 @@
+"""The transform's host-cost shortcuts (benchmarks/profile_host_cpu.py) against the paths they shortcut and against
+torch.func.jvp (float64, CPU): the single-dual fallback of views and first-argument-linear ops, argument binding of
+the fused rules, the eager autograd.Function of the custom ops, the light autocast switch of the op bodies, the
+hook check of pattern modules and the validation helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import facm_ext
+from facm_ext.jvp import JVPTransformError, make_dual, split_dual
+from facm_ext.jvp import _dual, _modules, _rules
+from facm_ext.ops import _common
+
+from conftest import assert_rel_close, noncontiguous
+
+F64 = torch.float64
+
+
+def randn(*shape, dtype=F64, requires_grad=False):
+    return torch.randn(*shape, dtype=dtype).requires_grad_(requires_grad)
+
+
+# ------------------------------------------------------------------ views and ops linear in the first argument
+# One dual (the first argument) and anything else constant: the shortcut in fallback() takes these.
+SINGLE_DUAL_OPS = {
+    "reshape": lambda x: x.reshape(3, 2, 2, 8),
+    "reshape_tuple": lambda x: x.reshape((12, 8)),
+    "view_size": lambda x: x.view(torch.Size([12, 8])),
+    "permute": lambda x: x.permute(2, 0, 1),
+    "transpose": lambda x: x.transpose(0, 2),
+    "flatten_unflatten": lambda x: x.flatten(1).unflatten(1, (4, 8)),
+    "chunk": lambda x: x.chunk(3, dim=-1),
+    "split_sizes": lambda x: x.split([1, 3, 4], dim=-1),
+    "unbind": lambda x: x.unbind(1),
+    "getitem": lambda x: x[:, 1:, ::2],
+    "getitem_tensor": lambda x: x[torch.tensor([2, 0])],
+    "index_select": lambda x: x.index_select(-1, torch.tensor([3, 1, 1])),
+    "expand": lambda x: x[:, :1].expand(3, 5, 8),
+    "squeeze_unsqueeze": lambda x: x.unsqueeze(1).squeeze(1).movedim(0, -1),
+    "narrow_select": lambda x: x.narrow(2, 1, 4).select(0, 1),
+    "contiguous_copy": lambda x: x.transpose(0, 1).contiguous(),
+    "contiguous_noop": lambda x: x.contiguous(),
+    "to_same_dtype": lambda x: x.to(F64),
+    "float_double": lambda x: x.float().double(),
+    "sum_mean": lambda x: x.sum(-1, keepdim=True) + x.mean(dim=(0, 1)),
+    "cumsum_roll_flip": lambda x: x.cumsum(1).roll(2, dims=-1).flip(0),
+    "repeat_tile": lambda x: x.repeat(1, 2, 1) + x.tile((1, 2, 1)),
+    "neg_clone": lambda x: -x.clone(),
+    "tril": lambda x: x.tril(diagonal=1),
+    "view_as_other": lambda x: x.reshape(12, 8).view_as(torch.empty(2, 6, 8)),
+}
+
+
+def _general_only(monkeypatch):
+    """Make fallback() take its general path (pytree flattening, per-kind rules) for every call."""
+    monkeypatch.setattr(_dual, "_only_first_is_dual", lambda args, kwargs: False)
+
+
+@pytest.mark.parametrize("name", sorted(SINGLE_DUAL_OPS))
+def test_single_dual_shortcut_matches_torch_func_and_the_general_path(monkeypatch, name):
+    op = SINGLE_DUAL_OPS[name]
+    x, tx = randn(3, 4, 8), randn(3, 4, 8)
+    out, tout = facm_ext.jvp(op, (x,), (tx,))
+    ref, tref = torch.func.jvp(op, (x,), (tx,))
+    for o, t, r, tr in zip(torch.utils._pytree.tree_leaves(out), torch.utils._pytree.tree_leaves(tout),
+                           torch.utils._pytree.tree_leaves(ref), torch.utils._pytree.tree_leaves(tref)):
+        assert_rel_close(o, r, F64, what=f"{name} primal")
+        assert_rel_close(t, tr, F64, what=f"{name} tangent")
+        assert not t.requires_grad
+
+    # The shortcut and the general path on the same dual: same outputs, tangents and memory-sharing flags.
+    def run(general: bool):
+        if general:
+            _general_only(monkeypatch)
+        else:
+            monkeypatch.undo()
+        dual = make_dual(x, tx)
+        result = op(dual)
+        leaves = result if isinstance(result, (tuple, list)) else (result,)
+        return [(split_dual(r)[0], split_dual(r)[1], getattr(r, "_facm_shares_memory", None)) for r in leaves], \
+            dual._facm_shares_memory
+
+    _modules.install()
+    _dual.STATE.depth += 1
+    try:
+        fast, fast_flag = run(general=False)
+        general, general_flag = run(general=True)
+    finally:
+        _dual.STATE.depth -= 1
+        _modules.uninstall()
+        monkeypatch.undo()
+    assert fast_flag == general_flag, "the input's memory-sharing flag"
+    assert len(fast) == len(general)
+    for (p1, t1, f1), (p2, t2, f2) in zip(fast, general):
+        assert torch.equal(p1, p2) and f1 == f2
+        assert (t1 is None) == (t2 is None) and (t1 is None or torch.equal(t1, t2))
+
+
+def test_single_dual_shortcut_keeps_gradients_and_in_place_rules():
+    w = randn(8, 8, requires_grad=True)
+    x, tx = randn(3, 4, 8, requires_grad=True), randn(3, 4, 8)
+
+    def f(x):
+        h = F.linear(x, w).transpose(0, 1).reshape(4, 24)
+        a, b = h.chunk(2, dim=-1)
+        return (a * b.float().double()).sum(-1)
+
+    out, tout = facm_ext.jvp(f, (x,), (tx,))
+    ref, tref = torch.func.jvp(f, (x,), (tx,))
+    assert_rel_close(tout, tref, F64, what="tangent")
+    grads = torch.autograd.grad(out.square().sum(), (x, w))
+    plain_grads = torch.autograd.grad(f(x).square().sum(), (x, w))
+    for g, pg in zip(grads, plain_grads):
+        assert_rel_close(g, pg, F64, what="gradient through the shortcut's primal")
+
+    def writes_into_a_view(x):
+        h = x * 2
+        v = h.view(-1)
+        v.mul_(3)  # a view of h was taken: its tangent could not be kept in step
+        return h
+
+    with pytest.raises(JVPTransformError, match="shares memory"):
+        facm_ext.jvp(writes_into_a_view, (x.detach(),), (tx,))
+
+
+def test_shortcut_not_taken_with_a_second_dual_or_nested_containers():
+    x, y, tx, ty = randn(2, 6), randn(2, 6), randn(2, 6), randn(2, 6)
+    cases = {
+        "second dual positional": lambda x, y: x.expand_as(y) * 1.0 + torch.cat([x, y], -1)[..., :6],
+        "dual inside a list": lambda x, y: torch.stack([x, y]).sum(0),
+        "dual as kwarg": lambda x, y: x.view_as(other=y),
+    }
+    for name, f in cases.items():
+        out, tout = facm_ext.jvp(f, (x, y), (tx, ty))
+        ref, tref = torch.func.jvp(f, (x, y), (tx, ty))
+        assert_rel_close(tout, tref, F64, what=name)
+
+
+# --------------------------------------------------------------------------------------- fused-rule binding
+def test_bind_positional_shortcut_equals_keyword_binding():
+    names, defaults = ("input", "weight", "bias", "eps"), (None, 1e-5)
+    x, w = object(), object()
+    assert _rules._bind((x, w), {}, names, defaults) == [x, w, None, 1e-5]
+    assert _rules._bind((x, w, 3), {}, names, defaults) == [x, w, 3, 1e-5]
+    assert _rules._bind((x, w, 3, 4), {}, names, defaults) == [x, w, 3, 4]
+    assert _rules._bind((x,), {"weight": w, "eps": 2}, names, defaults) == [x, w, None, 2]
+    assert _rules._bind((x,), {}, names, defaults) == [x, None, None, 1e-5]  # a required one missing: None
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_fused_rules_positional_and_keyword_calls_agree(grad):
+    x, tx = randn(2, 5, 16, requires_grad=grad), randn(2, 5, 16)
+    w, b = randn(12, 16, requires_grad=grad), randn(12, requires_grad=grad)
+    q, tq = randn(2, 3, 5, 8), randn(2, 3, 5, 8)
+    calls = {
+        "linear": (lambda x: F.linear(x, w, b), lambda x: F.linear(input=x, weight=w, bias=b)),
+        "linear_no_bias": (lambda x: F.linear(x, w), lambda x: F.linear(x, weight=w, bias=None)),
+        "layer_norm": (lambda x: F.layer_norm(x, (16,), None, None, 1e-6),
+                       lambda x: F.layer_norm(x, normalized_shape=(16,), eps=1e-6)),
+        "gelu": (lambda x: F.gelu(x, approximate="tanh"), lambda x: F.gelu(x, approximate="tanh")),
+    }
+    for name, (positional, keyword) in calls.items():
+        ref, tref = torch.func.jvp(positional, (x.detach(),), (tx,))
+        for f in (positional, keyword):
+            out, tout = facm_ext.jvp(f, (x,), (tx,))
+            assert_rel_close(out, ref, F64, what=f"{name} primal")
+            assert_rel_close(tout, tref, F64, what=f"{name} tangent")
+            assert tout.grad_fn is None and not tout.requires_grad
+            assert out.requires_grad == grad
+    sdpa = lambda q: F.scaled_dot_product_attention(q, q * 0.5, q, None, 0.0, False, scale=0.3)  # noqa: E731
+    with sdpa_kernel(SDPBackend.MATH):  # the only CPU backend with a forward-mode rule
+        ref, tref = torch.func.jvp(lambda q: F.scaled_dot_product_attention(q, q * 0.5, q, scale=0.3), (q,), (tq,))
+    out, tout, report = facm_ext.jvp(sdpa, (q,), (tq,), report=True)
+    assert_rel_close(tout, tref, F64, what="sdpa positional tangent")
+    assert report.fused.get("F.scaled_dot_product_attention -> attention_jvp") == 1, str(report)
+
+
+# ---------------------------------------------------------------------------------- custom ops, eager path
+def test_eager_function_saves_and_marks_like_the_registered_op():
+    from facm_ext.ops import linear_jvp
+
+    x, tx = randn(4, 6, requires_grad=True), randn(4, 6)
+    w, b = randn(5, 6, requires_grad=True), randn(5, requires_grad=True)
+    y, ty = linear_jvp(x, tx, w, b)
+    assert y.grad_fn is not None and "linear_jvp_function" in type(y.grad_fn).__name__
+    assert not ty.requires_grad and ty.grad_fn is None
+    grads = torch.autograd.grad(y.square().sum(), (x, w, b))
+    ref_grads = torch.autograd.grad(F.linear(x, w, b).square().sum(), (x, w, b))
+    for g, r in zip(grads, ref_grads):
+        assert_rel_close(g, r, F64, what="linear_jvp gradient")
+
+
+# ------------------------------------------------------------------------------------------ autocast switch
+def _autocast_state(device_type: str):
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+@pytest.mark.parametrize("outer", [None, torch.bfloat16])
+def test_autocast_disabled_switches_like_torch_autocast(outer):
+    def probe(context):
+        with context:
+            inside = _autocast_state("cpu")
+            out = F.linear(torch.randn(2, 4), torch.randn(3, 4))
+        return inside, out.dtype, _autocast_state("cpu")
+
+    outer_context = torch.autocast("cpu", outer) if outer is not None else torch.autocast("cpu", enabled=False)
+    with outer_context:
+        before = _autocast_state("cpu")
+        ours = probe(_common.autocast_disabled("cpu"))
+        theirs = probe(torch.autocast("cpu", enabled=False))
+        assert _autocast_state("cpu") == before
+    assert ours == theirs
+    assert ours[0][0] is False and ours[1] == torch.float32
+    # The nesting count is back where it was: entering and leaving once more drops to zero exactly as before.
+    assert torch.autocast_increment_nesting() == 1 and torch.autocast_decrement_nesting() == 0
+
+
+def test_autocast_disabled_restores_on_exceptions():
+    with torch.autocast("cpu", torch.bfloat16):
+        with pytest.raises(RuntimeError, match="boom"):
+            with _common.autocast_disabled("cpu"):
+                raise RuntimeError("boom")
+        assert torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu")
+
+
+# ----------------------------------------------------------------------------------- hooks of pattern modules
+class _Inner(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, x):
+        a, b = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(F.silu(a) * b)
+
+
+def test_hook_check_walks_nested_shared_and_cyclic_submodules():
+    root = nn.Sequential(nn.Sequential(nn.Identity(), nn.Sequential(nn.Linear(2, 2))))
+    shared = nn.Linear(2, 2)
+    root.add_module("a", shared)
+    root.add_module("b", shared)
+    assert not _modules._tree_has_hooks(root)
+    handle = root[0][1][0].register_forward_pre_hook(lambda m, a: None)
+    assert _modules._tree_has_hooks(root)
+    handle.remove()
+    cyclic = nn.Sequential(nn.Linear(2, 2))
+    cyclic.add_module("itself", cyclic)
+    assert not _modules._tree_has_hooks(cyclic)
+    handle = shared.register_full_backward_hook(lambda m, gi, go: None)
+    assert _modules._tree_has_hooks(root)
+    handle.remove()
+
+
+def test_swiglu_pattern_skipped_when_a_nested_module_has_a_hook():
+    mlp = _Inner(8).double()
+    x, tx = randn(3, 8), randn(3, 8)
+    facm_ext.jvp(mlp, (x,), (tx,))  # recognition (which runs the module once on a probe input) done before the hook
+    calls = []
+    handle = mlp.fc2.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        out, tout, report = facm_ext.jvp(mlp, (x,), (tx,), report=True)
+    finally:
+        handle.remove()
+    assert calls == [1] and not any("MLP" in k for k in report.fused), str(report)
+    ref, tref = torch.func.jvp(mlp, (x,), (tx,))
+    assert_rel_close(tout, tref, F64, what="tangent")
+    out, tout, report = facm_ext.jvp(mlp, (x,), (tx,), report=True)
+    assert any("MLP" in k for k in report.fused) or report.reasons, str(report)
+
+
+# ------------------------------------------------------------------------------------------ validation helpers
+def test_validation_helpers_messages():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"^x: expected a torch.Tensor, got list$"):
+        _common.check_tensor("x", [1])
+    with pytest.raises(ValueError, match=r"^x: dtype torch.int64 is not supported; expected one of torch.float16, "
+                                         r"torch.bfloat16, torch.float32, torch.float64$"):
+        _common.check_tensor("x", torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"^x: dtype torch.float32 is not supported; expected one of torch.float16$"):
+        _common.check_tensor("x", x, dtypes=(d for d in (torch.float16,)))  # any iterable, read once
+    assert _common.check_tensor("x", x, dtypes=[torch.float32], ndim=(1, 2)) is x
+    with pytest.raises(ValueError, match=r"^x: expected 3 or 4 dimensions, got shape \(2, 3\)$"):
+        _common.check_tensor("x", x, ndim=(3, 4))
+    with pytest.raises(ValueError, match=r"^x: expected at least 3 dimensions, got shape \(2, 3\)$"):
+        _common.check_tensor("x", x, min_ndim=3)
+    with pytest.raises(ValueError, match=r"^tx: tangent shape \(3,\) differs from the shape \(2, 3\) of its primal x$"):
+        _common.check_tangent("tx", torch.zeros(3), "x", x)
+    meta = torch.zeros(2, 3, device="meta")
+    with pytest.raises(ValueError, match=r"^tx: expected a tensor on cpu \(the device of x\), got meta$"):
+        _common.check_tangent("tx", meta, "x", x)
+    with pytest.raises(ValueError, match=r"^b: expected a tensor on cpu \(the device of x\), got meta$"):
+        _common.check_same_device("x", x, a=None, b=meta)
+    with pytest.raises(ValueError, match=r"^b: expected dtype torch.float32 \(the dtype of x\), got torch.float64$"):
+        _common.check_same_dtype("x", x, a=x, b=x.double())
+
+
+def test_noncontiguous_and_grad_inputs_through_a_whole_block():
+    from facm_ext.models.lightningdit import LightningDiTBlock, VisionRotaryEmbedding2D
+
+    torch.manual_seed(0)
+    block = LightningDiTBlock(32, 2, use_qknorm=True, use_swiglu=True, use_rmsnorm=True).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.2)
+    rope = VisionRotaryEmbedding2D(16, 2).double()
+    x, c = noncontiguous(randn(2, 4, 32)).requires_grad_(), randn(2, 32, requires_grad=True)
+    tx, tc = randn(2, 4, 32), randn(2, 32)
+    out, tout = facm_ext.jvp(lambda x, c: block(x, c, rope), (x, c), (tx, tc))
+    with sdpa_kernel(SDPBackend.MATH):
+        ref, tref = torch.func.jvp(lambda x, c: block(x, c, rope), (x.detach(), c.detach()), (tx, tc))
+    assert_rel_close(tout, tref, F64, what="block tangent")
+    params = [x, c] + list(block.parameters())
+    grads = torch.autograd.grad(out.square().sum(), params)
+    plain = torch.autograd.grad(block(x, c, rope).square().sum(), params)
+    for g, p in zip(grads, plain):
+        assert_rel_close(g, p, F64, what="block gradient")
