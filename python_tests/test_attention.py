@@ -23,6 +23,7 @@ TANGENT_SETS = {
     "all": (True, True, True),
     "tq_only": (True, False, False),  # cross-attention to a constant context
     "tk_tv": (False, True, True),
+    "tv_only": (False, False, True),
     "none": (False, False, False),
 }
 
@@ -225,7 +226,7 @@ GPU_CASES = [(torch.bfloat16, shape) for shape in GPU_SHAPES] + [(torch.float16,
 
 @requires_cuda
 @pytest.mark.parametrize("dtype,shape", GPU_CASES)
-@pytest.mark.parametrize("tangent_set", ["all", "tq_only", "tk_tv", "none"])
+@pytest.mark.parametrize("tangent_set", ["all", "tq_only", "tk_tv", "tv_only", "none"])
 def test_gpu_triton_forward(dtype, shape, tangent_set):
     q, k, v, tq, tk, tv = _inputs(*shape, dtype, "cuda", TANGENT_SETS[tangent_set])
     assert attention_ops._forward_backend(q) == "triton"
@@ -247,7 +248,7 @@ def test_gpu_triton_key_lengths_and_noncontiguous(dtype, lengths):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [80, 96])
-@pytest.mark.parametrize("tangent_set", ["all", "tq_only", "tk_tv"])
+@pytest.mark.parametrize("tangent_set", ["all", "tq_only", "tk_tv", "tv_only"])
 def test_gpu_exact_head_split(dtype, head_dim, tangent_set, monkeypatch):
     # The opt-in two-dot head split (FACM_EXT_ATTN_HEAD_SPLIT=1), with key lengths and non-contiguous inputs.
     monkeypatch.setenv("FACM_EXT_ATTN_HEAD_SPLIT", "1")
