@@ -101,6 +101,47 @@ def test_single_dual_shortcut_matches_torch_func_and_the_general_path(monkeypatc
         assert (t1 is None) == (t2 is None) and (t1 is None or torch.equal(t1, t2))
 
 
+METADATA_SECOND_OPS = {
+    "type_as": lambda x, y: x.type_as(y.float()),
+    "view_as": lambda x, y: x.reshape(12, 8).view_as(y),
+    "expand_as": lambda x, y: x[:1].expand_as(y),
+    "reshape_as": lambda x, y: x.transpose(0, 1).reshape_as(y),
+}
+
+
+@pytest.mark.parametrize("name", sorted(METADATA_SECOND_OPS))
+def test_metadata_argument_with_a_tangent_takes_the_shortcut(monkeypatch, name):
+    """x.type_as(y) and the like with y a dual carrying a tangent: the general path runs torch.func.jvp of the op;
+    the shortcut applies the op to x's tangent. Same tangents, same flags."""
+    op = METADATA_SECOND_OPS[name]
+    x, tx, y, ty = randn(3, 4, 8), randn(3, 4, 8), randn(3, 4, 8), randn(3, 4, 8)
+    out, tout = facm_ext.jvp(op, (x, y), (tx, ty))
+    ref, tref = torch.func.jvp(op, (x, y), (tx, ty))
+    assert_rel_close(out, ref, F64, what="primal")
+    assert tout.dtype == ref.dtype
+    assert_rel_close(tout.double(), tref.double(), F64, what="tangent")
+
+    def run():
+        a, b = make_dual(x, tx), make_dual(y, ty)
+        result = op(a, b)
+        return split_dual(result), result._facm_shares_memory, a._facm_shares_memory, b._facm_shares_memory
+
+    _modules.install()
+    _dual.STATE.depth += 1
+    try:
+        fast = run()
+        monkeypatch.setattr(_dual, "_METADATA_SECOND_ARG_NAMES", set())
+        general = run()
+    finally:
+        _dual.STATE.depth -= 1
+        _modules.uninstall()
+        monkeypatch.undo()
+    (p1, t1), *flags1 = fast
+    (p2, t2), *flags2 = general
+    assert torch.equal(p1, p2) and torch.equal(t1, t2) and t1.dtype == t2.dtype
+    assert flags1 == flags2
+
+
 def test_single_dual_shortcut_keeps_gradients_and_in_place_rules():
     w = randn(8, 8, requires_grad=True)
     x, tx = randn(3, 4, 8, requires_grad=True), randn(3, 4, 8)
@@ -321,3 +362,53 @@ def test_noncontiguous_and_grad_inputs_through_a_whole_block():
     plain = torch.autograd.grad(block(x, c, rope).square().sum(), params)
     for g, p in zip(grads, plain):
         assert_rel_close(g, p, F64, what="block gradient")
+
+
+# ------------------------------------------------------------------------- fused blocks, modulation as pairs
+def _block_models():
+    from facm_ext.models.lightningdit import LightningDiT
+    from facm_ext.models.wan import wan_small
+
+    lightningdit = LightningDiT(input_size=2, patch_size=1, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                                num_classes=3)
+    wan = wan_small(num_layers=2)
+    for model in (lightningdit, wan):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.2)
+        model.double()
+    y = torch.tensor([0, 2])
+    context = randn(2, 8, 32)
+    return {
+        "lightningdit": (lambda x, t: lightningdit(x, t, y), (randn(2, 4, 2, 2), torch.rand(2, dtype=F64))),
+        "wan": (lambda x, t: wan(x, t, context), (randn(2, 4, 1, 4, 4), torch.rand(2, dtype=F64))),
+    }
+
+
+@pytest.mark.parametrize("unavailable", [None, "adaln_jvp", "gated_residual_jvp"])
+@pytest.mark.parametrize("model", ["lightningdit", "wan"])
+def test_fused_blocks_match_torch_func_also_on_their_fallback_expressions(monkeypatch, model, unavailable):
+    from facm_ext.jvp import _blocks
+
+    real_call_op = _blocks.call_op
+
+    def call_op(name, *args, **kwargs):
+        if name == unavailable:
+            return None, "unavailable in this test"
+        return real_call_op(name, *args, **kwargs)
+
+    monkeypatch.setattr(_blocks, "call_op", call_op)
+    func, primals = _block_models()[model]
+    primals = tuple(p.requires_grad_() for p in primals)
+    tangents = (randn(*primals[0].shape), torch.ones_like(primals[1]))
+    out, tout, report = facm_ext.jvp(func, primals, tangents, report=True)
+    assert any("block" in k for k in report.fused), str(report)
+    if unavailable is not None:
+        assert any("unavailable in this test" in r for rs in report.reasons.values() for r in rs), str(report)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref, tref = torch.func.jvp(func, tuple(p.detach() for p in primals), tangents)
+    assert_rel_close(out, ref, F64, what="primal")
+    assert_rel_close(tout, tref, F64, what="tangent")
+    grads = torch.autograd.grad(out.square().sum(), primals[0])
+    plain = torch.autograd.grad(func(*primals).square().sum(), primals[0])
+    assert_rel_close(grads[0], plain[0], F64, what="gradient")

@@ -103,9 +103,27 @@ def adaln_block_rule(module: nn.Module):
     return block_rule
 
 
+def _chunks(value, chunks: int, dim: int) -> list:
+    """``value.chunk(chunks, dim)`` as (primal, tangent or None) pairs: the chunks of the primal and of its tangent.
+    The modulation vectors of a block only go to the fused ops, which take primal and tangent apart, so they are
+    not made duals (a view dispatch, a dual per chunk and a split per use); :func:`_dual_of` makes one where the
+    block's own expression needs it."""
+    primal, tangent = split_dual(value)
+    primals = primal.chunk(chunks, dim=dim)
+    if tangent is None:
+        return [(p, None) for p in primals]
+    return list(zip(primals, tangent.chunk(chunks, dim=dim)))
+
+
+def _dual_of(pair):
+    """The value a (primal, tangent) pair stands for: a dual, or the plain primal when the tangent is None."""
+    primal, tangent = pair
+    return primal if tangent is None else make_dual(primal, tangent)
+
+
 def _adaln(x, shift, scale, spec, norm_module: nn.Module, per_token: bool = False):
-    """norm(x) * (1 + scale) + shift, fused; falls back to the block's own expression. shift/scale: [B, C]
-    broadcast over tokens, or per token [B, L, C] (``per_token``)."""
+    """norm(x) * (1 + scale) + shift, fused; falls back to the block's own expression. shift/scale: (primal,
+    tangent) pairs (see :func:`_chunks`), [B, C] broadcast over tokens, or per token [B, L, C] (``per_token``)."""
     kind, has_weight, eps, policy = spec
     weight = norm_module.weight if has_weight else None
     x_p, x_t = split_dual(x)
@@ -115,24 +133,25 @@ def _adaln(x, shift, scale, spec, norm_module: nn.Module, per_token: bool = Fals
     if x_t is not None:
         if out_dtype != x_p.dtype:  # the norm's output is wider than x (fp32 weight): normalize in that dtype
             x_p, x_t = x_p.to(out_dtype), x_t.to(out_dtype)
-        shift_p, shift_t = split_dual(shift)
-        scale_p, scale_t = split_dual(scale)
+        shift_p, shift_t = shift
+        scale_p, scale_t = scale
         w = None if weight is None else (weight if weight.dtype == x_p.dtype else weight.to(x_p.dtype))
         result, why = call_op("adaln_jvp", "adaLN block norm+modulate", x_p, x_t, shift_p, shift_t, scale_p,
                               scale_t, norm=kind, weight=w, eps=eps)
         if result is not None:
             return wrap_op_result(*result)
         record_fallback("adaLN block norm+modulate", why)
+    shift, scale = _dual_of(shift), _dual_of(scale)
     if per_token:
         return norm_module(x) * (1 + scale) + shift
     return norm_module(x) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 def _gated(x, gate, y, per_token: bool = False):
-    """x + gate * y (gate [B, C] broadcast over tokens, or per token [B, L, C]), fused; falls back to the block's
-    own expression."""
+    """x + gate * y (gate: a (primal, tangent) pair, [B, C] broadcast over tokens, or per token [B, L, C]), fused;
+    falls back to the block's own expression."""
     x_p, x_t = split_dual(x)
-    gate_p, gate_t = split_dual(gate)
+    gate_p, gate_t = gate
     y_p, y_t = split_dual(y)
     if isinstance(y_p, torch.Tensor) and y_p.shape == x_p.shape and (x_t is not None or gate_t is not None
                                                                       or y_t is not None):
@@ -145,6 +164,7 @@ def _gated(x, gate, y, per_token: bool = False):
                 primal, tangent = primal.to(out_dtype), tangent.to(out_dtype)
             return wrap_op_result(primal, tangent)
         record_fallback("adaLN block gated residual", why)
+    gate = _dual_of(gate)
     if per_token:
         return x + y * gate
     return x + gate.unsqueeze(1) * y
@@ -152,7 +172,7 @@ def _gated(x, gate, y, per_token: bool = False):
 
 def _fused_forward(block: nn.Module, args: tuple, norms):
     x, c, extra = args[0], args[1], args[2:]
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _chunks(block.adaLN_modulation(c), 6, 1)
     x = _gated(x, gate_msa, block.attn(_adaln(x, shift_msa, scale_msa, norms[0], block.norm1), *extra))
     x = _gated(x, gate_mlp, block.mlp(_adaln(x, shift_mlp, scale_mlp, norms[1], block.norm2)))
     return x
@@ -314,7 +334,8 @@ def _wan_fused_forward(block: nn.Module, args: tuple, norms):
     x, e, seq_lens, rope_cos, rope_sin, context = args[:6]
     context_lens = args[6] if len(args) > 6 else None
     compute_dtype = block.self_attn.q.weight.dtype
-    mods = [m.squeeze(2) for m in (block.modulation.unsqueeze(0) + e).chunk(6, dim=2)]
+    mods = [(p.squeeze(2), None if t is None else t.squeeze(2))
+            for p, t in _chunks(block.modulation.unsqueeze(0) + e, 6, 2)]
     shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mods
     h = _adaln(x, shift_sa, scale_sa, norms[0], block.norm1, per_token=True).to(compute_dtype)
     x = _gated(x, gate_sa, block.self_attn(h, seq_lens, rope_cos, rope_sin), per_token=True)

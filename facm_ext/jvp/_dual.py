@@ -240,6 +240,9 @@ _LINEAR_FIRST_NAMES = _VIEW_NAMES | {
     "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "broadcast_to", "ravel", "adaptive_avg_pool1d",
     "adaptive_avg_pool2d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
 }
+# Ops of those two kinds whose second argument is read only for its metadata (dtype or shape): its tangent does not
+# enter the result's, which is the op applied to the first argument's tangent whatever the second carries.
+_METADATA_SECOND_ARG_NAMES = {"type_as", "view_as", "expand_as", "reshape_as"}
 # Ops linear in ALL their tensor arguments jointly (sum of the op applied to each tangent with the others zero).
 _JOINTLY_LINEAR_NAMES = {"cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack"}
 # Ops multilinear in their tensor arguments: tangent = sum over dual args of op(..., tangent_i, ...).
@@ -399,9 +402,10 @@ def fallback(func, args: tuple, kwargs: dict, *, tangent_context: Optional[Calla
     rule did not take it.
     """
     if args and type(args[0]) is DualTensor and args[0]._facm_tangent is not None:
-        kind = _classify(func)[0]
-        if (kind in ("view", "linear_first") and _only_first_is_dual(args, kwargs)
-                and kwargs.get("inplace") is not True and kwargs.get("out") is None):
+        kind, name = _classify(func)
+        if (kind in ("view", "linear_first") and kwargs.get("inplace") is not True and kwargs.get("out") is None
+                and (_only_first_is_dual(args, kwargs)
+                     or (name in _METADATA_SECOND_ARG_NAMES and len(args) == 2 and not kwargs))):
             return _same_op_on_tangent(func, kind, args, kwargs, what, reason)
     flat, spec = _flatten_call(args, kwargs)
     dual_idx = [i for i, a in enumerate(flat) if type(a) is DualTensor]
@@ -543,10 +547,11 @@ def _only_first_is_dual(args: tuple, kwargs: dict) -> bool:
 
 
 def _same_op_on_tangent(func, kind: str, args: tuple, kwargs: dict, what: Optional[str], reason: Optional[str]):
-    """fallback() of a view or an op linear in its first argument, when that argument is the only dual and carries
-    a tangent: the tangent is ``func`` applied to that tangent with the other arguments unchanged. The same
-    computation as fallback()'s general path (which flattens the call first), for the transform's most common
-    fallback (reshape, permute, transpose, chunk, unbind, to, ...)."""
+    """fallback() of a view or an op linear in its first argument, when that argument carries a tangent and is the
+    only dual (or the other is the metadata argument of type_as/view_as/...): the tangent is ``func`` applied to
+    that tangent with the other arguments unchanged. The same values and memory-sharing flags as fallback()'s
+    general path, which flattens the call first (and for a dual metadata argument with a tangent, runs
+    torch.func.jvp of the op); this is the transform's most common fallback (reshape, permute, chunk, to, ...)."""
     if STATE.report is not None:
         record_fallback(what or func_name(func), reason)
     source = args[0]
@@ -570,12 +575,16 @@ def _same_op_on_tangent(func, kind: str, args: tuple, kwargs: dict, what: Option
             source_ptr = source.untyped_storage().data_ptr()
             is_view = any(isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() == source_ptr
                           for o in out_flat)
+    if is_view:
+        # As the general path: every dual argument is flagged (the metadata one of view_as/expand_as included).
+        for a in args:
+            if type(a) is DualTensor:
+                a._facm_shares_memory = True
     if how is None:
         tangent = tangents_flat[0]
         result = _wrap(out, tangent if isinstance(tangent, torch.Tensor) else None)
         if is_view:
             result._facm_shares_memory = True
-            source._facm_shares_memory = True
         return result
     result = list(out_flat)
     for i in diff_positions:
@@ -583,8 +592,6 @@ def _same_op_on_tangent(func, kind: str, args: tuple, kwargs: dict, what: Option
         result[i] = _wrap(out_flat[i], tangent if isinstance(tangent, torch.Tensor) else None)
         if is_view:
             result[i]._facm_shares_memory = True
-    if is_view:
-        source._facm_shares_memory = True
     return _unflatten_out(result, how)
 
 
