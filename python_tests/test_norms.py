@@ -455,6 +455,16 @@ def test_cuda_kernel_matches_reference(dtype, c, op, staging, monkeypatch):
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("c", [1152, 5120])
+@pytest.mark.parametrize("mask", TANGENT_MASKS)
+@pytest.mark.parametrize("op", ["adaln_layer", "adaln_rms"])
+def test_cuda_staged_per_token_modulation(dtype, c, mask, op):
+    # Shared-memory-staged rows (> 128 vectors) with per-token modulation of x's dtype, every tangent subset.
+    _gpu_case(op, dtype, (2, 7, c), kind="per_token_strided", mask=mask)
+
+
+@requires_cuda
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("kind", MOD_KINDS)
 @pytest.mark.parametrize("mask", TANGENT_MASKS)

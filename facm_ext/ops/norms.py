@@ -22,7 +22,8 @@ Backends: the CUDA kernel ``torch.ops.facm_ext.norm_modulate_jvp_cuda`` (csrc/no
 dtypes with C <= 8192; otherwise the fused formulas in plain PyTorch (the CPU path, float64, larger C). Inputs
 whose last dim is not contiguous are copied first (the kernel reads rows as contiguous channel vectors).
 Inside the kernel, fp16/bf16 rows of more than 128 aligned 16-byte vectors (C > 1024) are staged in shared memory
-(cp.async); FACM_EXT_NORMS_ROW_STAGING=registers keeps them in registers instead (A/B comparisons).
+(cp.async); FACM_EXT_NORMS_ROW_STAGING=registers keeps them in registers instead (A/B comparisons). Modulation
+without a norm (modulate_jvp) runs an elementwise kernel instead.
 
 Autograd: the primal output is differentiable w.r.t. x, weight, bias, shift and scale (backward in PyTorch math
 from the saved per-row mean / rstd); the tangent output carries no graph (stop-gradient, as consistency training
