@@ -5,6 +5,8 @@ hook check of pattern modules and the validation helpers."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -412,3 +414,153 @@ def test_fused_blocks_match_torch_func_also_on_their_fallback_expressions(monkey
     grads = torch.autograd.grad(out.square().sum(), primals[0])
     plain = torch.autograd.grad(func(*primals).square().sum(), primals[0])
     assert_rel_close(grads[0], plain[0], F64, what="gradient")
+
+
+def test_check_broadcastable_agrees_with_torch_broadcast_shapes():
+    import itertools
+
+    shapes = [(), (1,), (3,), (2, 1, 3), (1, 4, 3), (2, 4, 3), (4, 3), (2, 4, 1), (5,), (0,), (2, 0, 3),
+              (1, 1, 1, 3), (2, 4, 3, 1)]
+    targets = [(2, 4, 3), (2, 0, 3), (3,), (1,), ()]
+    for shape, target in itertools.product(shapes, targets):
+        try:
+            expected = torch.broadcast_shapes(shape, target) == target
+        except RuntimeError:
+            expected = False
+        if expected:
+            _common.check_broadcastable("v", torch.empty(shape), "x", torch.Size(target))
+        else:
+            with pytest.raises(ValueError, match=rf"^v: shape {re.escape(str(shape))} does not broadcast to the "
+                                                 rf"shape {re.escape(str(target))} of x$"):
+                _common.check_broadcastable("v", torch.empty(shape), "x", torch.Size(target))
+
+
+# --------------------------------------------------------------------------------------- attention modules
+def _attention(qk_norm: str, width: int = 32, heads: int = 2):
+    from facm_ext.models.lightningdit import Attention
+
+    module = Attention(width, heads, qk_norm=qk_norm != "none", use_rmsnorm=qk_norm == "rms")
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.3)
+    return module.double()
+
+
+def _rope(width: int = 32, heads: int = 2, grid: int = 2):
+    from facm_ext.models.lightningdit import VisionRotaryEmbedding2D
+
+    return VisionRotaryEmbedding2D(width // heads, grid).double()
+
+
+def _check_attention(func, x, tx, what=""):
+    out, tout, report = facm_ext.jvp(func, (x,), (tx,), report=True)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref, tref = torch.func.jvp(func, (x.detach(),), (tx,))
+    assert_rel_close(out, ref, F64, what=f"{what} primal")
+    assert_rel_close(tout, tref, F64, what=f"{what} tangent")
+    if x.requires_grad:
+        grads = torch.autograd.grad(out.square().sum(), x)
+        plain = torch.autograd.grad(func(x).square().sum(), x)
+        assert_rel_close(grads[0], plain[0], F64, what=f"{what} gradient")
+    return report
+
+
+@pytest.mark.parametrize("qk_norm", ["none", "rms", "layer"])
+@pytest.mark.parametrize("with_rope", [False, True])
+def test_attention_module_rule_matches_torch_func(qk_norm, with_rope):
+    attention, rope = _attention(qk_norm), _rope()
+    x, tx = randn(2, 4, 32, requires_grad=True), randn(2, 4, 32)
+    func = (lambda x: attention(x, rope=rope)) if with_rope else attention
+    _check_attention(func, x, tx)  # first call: recognition and verification
+    report = _check_attention(func, x, tx)
+    assert report.fused.get("F.linear -> linear_jvp") == 2, str(report)
+    assert report.fused.get("F.scaled_dot_product_attention -> attention_jvp") == 1, str(report)
+    assert not report.fallback, "the reshapes run on primal and tangent, not through the per-op fallback\\n" + str(report)
+    if with_rope:
+        assert report.fused.get("VisionRotaryEmbedding2D (RoPE-like) -> rope_jvp") == 2, str(report)
+    if qk_norm == "rms":
+        assert report.fused.get("RMSNorm (RMSNorm-like) -> rms_norm_jvp") == 2, str(report)
+
+
+@pytest.mark.parametrize("unavailable", ["linear_jvp", "attention_jvp", "rms_norm_jvp", "rope_jvp"])
+def test_attention_module_rule_steps_fall_back_like_the_per_op_path(monkeypatch, unavailable):
+    from facm_ext.jvp import _modules as modules_module
+
+    attention, rope = _attention("rms"), _rope()
+    x, tx = randn(2, 4, 32, requires_grad=True), randn(2, 4, 32)
+    func = lambda x: attention(x, rope)  # noqa: E731
+    _check_attention(func, x, tx)
+    real = _rules.call_op
+
+    def call_op(name, *args, **kwargs):
+        return (None, "unavailable in this test") if name == unavailable else real(name, *args, **kwargs)
+
+    for module in (_rules, modules_module, __import__("facm_ext.jvp._blocks", fromlist=["x"])):
+        monkeypatch.setattr(module, "call_op", call_op)
+    report = _check_attention(func, x, tx, what=unavailable)
+    assert any("unavailable in this test" in r for rs in report.reasons.values() for r in rs), str(report)
+
+
+def test_attention_module_with_another_forward_is_not_fused():
+    from facm_ext.models.lightningdit import Attention
+
+    class CausalAttention(Attention):
+        def forward(self, x, rope=None):
+            batch, tokens, channels = x.shape
+            qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, is_causal=True)
+            return self.proj(out.transpose(1, 2).reshape(batch, tokens, channels))
+
+    module = CausalAttention(32, 2).double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.3)
+    x, tx = randn(2, 4, 32, requires_grad=True), randn(2, 4, 32)
+    report = _check_attention(module, x, tx)
+    assert any("attention module" in k for k in report.fallback), str(report)
+    report = _check_attention(module, x, tx)
+    assert report.fallback.get("F.scaled_dot_product_attention") == 1, str(report)
+
+
+def test_attention_module_keeps_hooks_rules_and_handlers():
+    from facm_ext.jvp import register_jvp_rule, register_module_call_handler
+    from facm_ext.models._layers import RMSNorm
+
+    attention, rope = _attention("rms"), _rope()
+    x, tx = randn(2, 4, 32, requires_grad=True), randn(2, 4, 32)
+    func = lambda x: attention(x, rope)  # noqa: E731
+    _check_attention(func, x, tx)
+
+    calls = []
+    handle = rope.register_forward_hook(lambda m, a, o: calls.append("rope hook"))
+    try:
+        report = _check_attention(func, x, tx, what="hooked rope")
+    finally:
+        handle.remove()
+    assert calls.count("rope hook") == 2 * 3, calls  # q and k, in the transform, the reference and the plain call
+    assert "VisionRotaryEmbedding2D (RoPE-like) -> rope_jvp" not in report.fused, str(report)
+
+    def rms_rule(module, args, kwargs):
+        calls.append("rule")
+        return module.forward(*args, **kwargs)
+
+    register_jvp_rule(RMSNorm, rms_rule)
+    try:
+        calls.clear()
+        _check_attention(func, x, tx, what="registered rule")
+    finally:
+        register_jvp_rule(RMSNorm, None)
+    assert calls.count("rule") == 2, calls
+
+    def handler(module, args, kwargs, run_module):
+        calls.append("handler")
+        return run_module(module, args, kwargs)
+
+    unregister = register_module_call_handler(lambda m: m is attention.proj, handler)
+    try:
+        calls.clear()
+        _check_attention(func, x, tx, what="handler")
+    finally:
+        unregister()
+    assert calls.count("handler") == 1, calls

@@ -11,7 +11,8 @@ the same activations (the tangent pass saves nothing).
 How: ``func`` runs on dual values (:class:`DualTensor`, a tensor subclass that IS the primal and carries its
 tangent). Recognized functions and modules go to the fused ops of facm_ext.ops: F.linear, SDPA (also with a
 boolean key-padding mask), F.layer_norm, F.rms_norm, F.gelu, F.silu (facm_ext/jvp/_rules.py); MLP, RMSNorm-like
-and RoPE-like modules, and whole adaLN-Zero and Wan blocks (norm+modulate and gated residuals fused), each verified
+and RoPE-like modules, DiT-style attention modules (their ops run on primal/tangent pairs, no dual per
+intermediate), and whole adaLN-Zero and Wan blocks (norm+modulate and gated residuals fused), each verified
 before use (facm_ext/jvp/_modules.py, _blocks.py); rules registered with :func:`register_jvp_rule`. Every other
 op uses PyTorch's own forward-mode rule for that single op: closed forms for views, casts, sums, products and
 common elementwise functions, ``torch.func.jvp`` of the op otherwise (facm_ext/jvp/_dual.py).

@@ -39,7 +39,7 @@ from ._dual import (
     split_dual,
     wrap_op_result,
 )
-from ._rules import call_op
+from ._rules import call_op, sdpa_pairs
 
 
 def _norm_spec(norm: nn.Module, channels: int):
@@ -342,3 +342,143 @@ def _wan_fused_forward(block: nn.Module, args: tuple, norms):
     x = x + block.cross_attn(block.norm3(x).to(compute_dtype), context, context_lens)
     h = _adaln(x, shift_ff, scale_ff, norms[1], block.norm2, per_token=True).to(compute_dtype)
     return _gated(x, gate_ff, block.ffn(h), per_token=True)
+
+
+# -------------------------------------------------------------------------------------------- attention modules
+_ATTENTION_CHILDREN = {"qkv", "q_norm", "k_norm", "proj"}
+
+
+def attention_module_rule(module: nn.Module):
+    """The fused rule for a self-attention module of DiT's and LightningDiT's form (timm's ``Attention``):
+
+        batch, tokens, channels = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, channels))
+
+    with ``forward(x)`` or ``forward(x, rope=None)``; ``qkv`` Linear(C, 3C), ``proj`` Linear(C, C), C = num_heads *
+    head_dim. The same ops run on primal and tangent side by side: the projections, the norms, RoPE and the
+    attention through the fused ops the per-op path would call, the reshapes on both; the per-op path makes a dual
+    of each of a dozen intermediates and dispatches every reshape. A step whose op declines, or whose module the
+    per-op path would not send to the same rule (a module-call handler, a registered rule, hooks, a replaced
+    forward), runs as the per-op path runs it. Verified on the first call like the blocks. Or None."""
+    children = dict(module.named_children())
+    if set(children) != _ATTENTION_CHILDREN or module._parameters or module._buffers:
+        return None
+    qkv, proj = children["qkv"], children["proj"]
+    heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
+    if type(qkv) is not nn.Linear or type(proj) is not nn.Linear or type(heads) is not int or type(head_dim) is not int:
+        return None
+    channels = heads * head_dim
+    if (qkv.in_features, qkv.out_features, proj.in_features, proj.out_features) != (channels, 3 * channels,
+                                                                                   channels, channels):
+        return None
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    names = [p.name for p in parameters]
+    if names not in (["x"], ["x", "rope"]) or any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in parameters):
+        return None
+    if len(parameters) == 2 and parameters[1].default is not None:
+        return None
+    module_ref = weakref.ref(module)
+    verdict: dict = {}
+
+    def attention_rule(mod, args, kwargs):
+        if module_ref() is not mod or len(args) > len(names) or not set(kwargs) <= set(names[len(args):]):
+            return NotImplemented
+        x = args[0] if args else kwargs.get("x")
+        rope = args[1] if len(args) > 1 else kwargs.get("rope")
+        with DisableTorchFunctionSubclass():  # shape reads on duals without a dispatch each
+            if not (isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[-1] == channels):
+                return NotImplemented
+            batch = x.shape[0]
+        if "ok" not in verdict:
+            sample = (_first_sample(x, batch), rope)
+            verdict["ok"], why = _verify(mod, sample, lambda m, a: _attention_forward(m, *a))
+            if not verdict["ok"]:
+                record_fallback(f"{type(mod).__name__} (attention module)", why)
+        if not verdict["ok"]:
+            return NotImplemented
+        return _attention_forward(mod, x, rope)
+
+    return attention_rule
+
+
+def _attention_forward(module: nn.Module, x, rope):
+    x_p, x_t = split_dual(x)
+    batch, tokens, channels = x_p.shape
+    heads, head_dim = module.num_heads, module.head_dim
+    qkv = _pair_map(_module_pair(module.qkv, (x_p, x_t)),
+                    lambda t: t.reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4))
+    q, k, v = _unbind_pair(qkv)
+    q, k = _module_pair(module.q_norm, q), _module_pair(module.k_norm, k)
+    if rope is not None:
+        q, k = _module_pair(rope, q, check_hooks=True), _module_pair(rope, k, check_hooks=True)
+    out = _pair_map(_sdpa_pair(q, k, v), lambda t: t.transpose(1, 2).reshape(batch, tokens, channels))
+    return _value_of(_module_pair(module.proj, out))
+
+
+def _pair_map(pair, fn):
+    primal, tangent = pair
+    return fn(primal), None if tangent is None else fn(tangent)
+
+
+def _unbind_pair(pair):
+    primal, tangent = pair
+    if tangent is None:
+        return [(p, None) for p in primal.unbind(0)]
+    return list(zip(primal.unbind(0), tangent.unbind(0)))
+
+
+def _value_of(pair):
+    """The value a pair of the transform's own results stands for (a dual, or the primal without a tangent)."""
+    primal, tangent = pair
+    return primal if tangent is None else wrap_op_result(primal, tangent)
+
+
+def _module_pair(module, pair, *, check_hooks: bool = False):
+    """``module(value)`` as a pair, ``pair`` standing for the value: through the module's rule on the pair where
+    the per-op path would send the call to that rule, else the module called on the value (the per-op path
+    itself). check_hooks: the module is not in the subtree whose hooks the caller checked."""
+    from ._modules import _HANDLERS, _has_hooks, _pattern_for, _user_rule
+
+    if not (any(predicate(module) for predicate, _ in _HANDLERS) or _user_rule(type(module)) is not None
+            or (check_hooks and _has_hooks(module))):
+        if type(module) is nn.Identity:
+            return pair
+        if type(module) is nn.Linear:
+            if "forward" not in module.__dict__ and module._compiled_call_impl is None:
+                result = _linear_pair(module, *pair)
+                if result is not None:
+                    return result
+        else:
+            pair_rule = getattr(_pattern_for(module), "pair_rule", None)
+            if pair_rule is not None:
+                result = pair_rule(module, *pair)
+                if result is not None:
+                    return result
+    return split_dual(module(_value_of(pair)))
+
+
+def _linear_pair(module: nn.Linear, x_p, x_t):
+    """F.linear's fused rule on a pair (None where that rule falls back: no tangent, the op declined)."""
+    if x_t is None or type(module.weight) is DualTensor or type(module.bias) is DualTensor:
+        return None
+    result, _ = call_op("linear_jvp", "F.linear", x_p, x_t, module.weight, module.bias)
+    return result
+
+
+def _sdpa_pair(q, k, v):
+    (qp, tq), (kp, tk), (vp, tv) = q, k, v
+    if tq is not None or tk is not None or tv is not None:
+        result, _ = sdpa_pairs(qp, kp, vp, tq, tk, tv)
+        if result is not None:
+            return result
+    # Where the fused op declined, the per-op path (its rule records why).
+    return split_dual(torch.nn.functional.scaled_dot_product_attention(_value_of(q), _value_of(k), _value_of(v)))

@@ -22,6 +22,8 @@ module call then goes, in order, to:
      verified on probes for both pair conventions -> ``rope_jvp``;
    - adaLN-Zero blocks and Wan 2.2 blocks (facm_ext/jvp/_blocks.py), verified on their first call ->
      ``adaln_jvp`` and ``gated_residual_jvp`` around the block's own attention and MLP;
+   - DiT/LightningDiT (timm-style) attention modules (facm_ext/jvp/_blocks.py), verified on their first call ->
+     their projections, norms, RoPE and attention through the fused ops on primal/tangent pairs;
    patterns are looked up once per module instance and skipped for instances whose ``forward`` was replaced;
 4. otherwise the module's normal ``__call__`` (hooks included); its functions are still intercepted.
 nn.Linear, nn.LayerNorm and nn.RMSNorm need no module rule: their F.linear / F.layer_norm / F.rms_norm calls are
@@ -332,9 +334,9 @@ def _recognize(module: nn.Module):
     rope = _rope_like(module)
     if rope is not None:
         return rope
-    from ._blocks import adaln_block_rule, wan_block_rule
+    from ._blocks import adaln_block_rule, attention_module_rule, wan_block_rule
 
-    block = adaln_block_rule(module) or wan_block_rule(module)
+    block = adaln_block_rule(module) or wan_block_rule(module) or attention_module_rule(module)
     if block is not None:
         return block
     return _NOT_A_PATTERN
@@ -400,9 +402,14 @@ def _rms_norm_like(module: nn.Module):
     def rms_norm_rule(mod, args, kwargs):
         if kwargs or len(args) != 1 or weight_ref() is not mod:
             return NotImplemented
-        x_p, x_t = split_dual(args[0])
+        result = rms_norm_pair(mod, *split_dual(args[0]))
+        return NotImplemented if result is None else wrap_op_result(*result)
+
+    def rms_norm_pair(mod, x_p, x_t):
+        """The fused op's (primal, tangent) for the input pair (x_p, x_t), or None where the module's own forward
+        must run (no tangent, another width, the op declined)."""
         if x_t is None or x_p.shape[-1] != features:
-            return NotImplemented
+            return None
         w = mod.weight
         if policy == "input":
             out_dtype = x_p.dtype
@@ -417,10 +424,10 @@ def _rms_norm_like(module: nn.Module):
         result, why = call_op("rms_norm_jvp", what, x_c, t_c, w_c, eps=mod.eps if hasattr(mod, "eps") else eps)
         if result is None:
             record_fallback(what, why)
-            return NotImplemented
-        return wrap_op_result(*result)
+        return result
 
     rms_norm_rule.norm_spec = ("rms", policy)
+    rms_norm_rule.pair_rule = rms_norm_pair
     return rms_norm_rule
 
 
@@ -511,8 +518,19 @@ def _make_rope_rule(module: nn.Module, source: str, order, interleaved: bool, ta
                 return NotImplemented
             cos, sin = split_dual(args[1])[0], split_dual(args[2])[0]
         x_p, x_t = split_dual(args[0])
+        result = rope_on_tables(mod, x_p, x_t, cos, sin)
+        return NotImplemented if result is None else wrap_op_result(*result)
+
+    def rope_pair(mod, x_p, x_t):
+        """The fused op's (primal, tangent) for the input pair of ``mod(x)`` (the tables are the module's buffers),
+        or None where the module's own forward must run."""
+        if source != "buffers" or module_ref() is not mod:
+            return None
+        return rope_on_tables(mod, x_p, x_t, getattr(mod, cos_name), getattr(mod, sin_name))
+
+    def rope_on_tables(mod, x_p, x_t, cos, sin):
         if x_t is None or x_p.dim() != 4 or cos.dim() != 2 or cos.shape[0] != x_p.shape[2]:
-            return NotImplemented
+            return None
         out_dtype = torch.promote_types(x_p.dtype, cos.dtype) if promote else x_p.dtype
         if x_p.dtype != out_dtype:
             x_p, x_t = x_p.to(out_dtype), x_t.to(out_dtype)
@@ -520,9 +538,9 @@ def _make_rope_rule(module: nn.Module, source: str, order, interleaved: bool, ta
         result, why = call_op("rope_jvp", what, x_p, x_t, cos, sin, interleaved=interleaved, layout="BHLD")
         if result is None:
             record_fallback(what, why)
-            return NotImplemented
-        return wrap_op_result(*result)
+        return result
 
+    rope_rule.pair_rule = rope_pair
     return rope_rule
 
 

@@ -161,13 +161,17 @@ def _sdpa_rule(args, kwargs):
         key_lengths = _key_lengths_of_mask(plain(attn_mask), batch, keys)
         if key_lengths is None:
             return _sdpa_fallback(args, kwargs, reason="attn_mask other than a boolean key-prefix mask not fused")
-    qp, kp, vp = plain(q), plain(k), plain(v)
-    qp, kp, vp, tq, tk, tv = autocast_lower_precision(qp.device.type, qp, kp, vp, tq, tk, tv)
-    result, why = call_op("attention_jvp", "F.scaled_dot_product_attention", qp, kp, vp, tq, tk, tv, scale=scale,
-                          key_lengths=key_lengths)
+    result, why = sdpa_pairs(plain(q), plain(k), plain(v), tq, tk, tv, scale=scale, key_lengths=key_lengths)
     if result is None:
         return _sdpa_fallback(args, kwargs, reason=why)
     return wrap_op_result(*result)
+
+
+def sdpa_pairs(qp, kp, vp, tq, tk, tv, *, scale=None, key_lengths=None):
+    """attention_jvp on primals and tangents, cast as SDPA casts under autocast: ((o, to), None) or (None, why)."""
+    qp, kp, vp, tq, tk, tv = autocast_lower_precision(qp.device.type, qp, kp, vp, tq, tk, tv)
+    return call_op("attention_jvp", "F.scaled_dot_product_attention", qp, kp, vp, tq, tk, tv, scale=scale,
+                   key_lengths=key_lengths)
 
 
 def _layer_norm_rule(args, kwargs):
@@ -237,4 +241,4 @@ FUSED_FUNCTION_RULES.update({
 if hasattr(F, "rms_norm"):
     FUSED_FUNCTION_RULES[F.rms_norm] = _rms_norm_rule
 
-__all__ = ["autocast_lower_precision", "call_op", "get_op"]
+__all__ = ["autocast_lower_precision", "call_op", "get_op", "sdpa_pairs"]
