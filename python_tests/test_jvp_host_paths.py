@@ -381,25 +381,35 @@ def _block_models():
         model.double()
     y = torch.tensor([0, 2])
     context = randn(2, 8, 32)
+    context_lens = torch.tensor([8, 5])
     return {
         "lightningdit": (lambda x, t: lightningdit(x, t, y), (randn(2, 4, 2, 2), torch.rand(2, dtype=F64))),
         "wan": (lambda x, t: wan(x, t, context), (randn(2, 4, 1, 4, 4), torch.rand(2, dtype=F64))),
+        # key padding of self-attention (seq_lens) and of the text (context_lens)
+        "wan_padded": (lambda x, t: wan(x, t, context, seq_len=6, context_lens=context_lens),
+                       (randn(2, 4, 1, 4, 4), torch.rand(2, dtype=F64))),
     }
 
 
-@pytest.mark.parametrize("unavailable", [None, "adaln_jvp", "gated_residual_jvp"])
-@pytest.mark.parametrize("model", ["lightningdit", "wan"])
-def test_fused_blocks_match_torch_func_also_on_their_fallback_expressions(monkeypatch, model, unavailable):
+def _make_unavailable(monkeypatch, unavailable):
     from facm_ext.jvp import _blocks
 
-    real_call_op = _blocks.call_op
+    real_call_op = _rules.call_op
 
     def call_op(name, *args, **kwargs):
         if name == unavailable:
             return None, "unavailable in this test"
         return real_call_op(name, *args, **kwargs)
 
-    monkeypatch.setattr(_blocks, "call_op", call_op)
+    for module in (_rules, _modules, _blocks):
+        monkeypatch.setattr(module, "call_op", call_op)
+
+
+@pytest.mark.parametrize("unavailable", [None, "adaln_jvp", "gated_residual_jvp", "linear_jvp", "attention_jvp",
+                                         "rms_norm_jvp", "rope_jvp"])
+@pytest.mark.parametrize("model", ["lightningdit", "wan", "wan_padded"])
+def test_fused_blocks_match_torch_func_also_on_their_fallback_expressions(monkeypatch, model, unavailable):
+    _make_unavailable(monkeypatch, unavailable)
     func, primals = _block_models()[model]
     primals = tuple(p.requires_grad_() for p in primals)
     tangents = (randn(*primals[0].shape), torch.ones_like(primals[1]))
@@ -484,19 +494,11 @@ def test_attention_module_rule_matches_torch_func(qk_norm, with_rope):
 
 @pytest.mark.parametrize("unavailable", ["linear_jvp", "attention_jvp", "rms_norm_jvp", "rope_jvp"])
 def test_attention_module_rule_steps_fall_back_like_the_per_op_path(monkeypatch, unavailable):
-    from facm_ext.jvp import _modules as modules_module
-
     attention, rope = _attention("rms"), _rope()
     x, tx = randn(2, 4, 32, requires_grad=True), randn(2, 4, 32)
     func = lambda x: attention(x, rope)  # noqa: E731
     _check_attention(func, x, tx)
-    real = _rules.call_op
-
-    def call_op(name, *args, **kwargs):
-        return (None, "unavailable in this test") if name == unavailable else real(name, *args, **kwargs)
-
-    for module in (_rules, modules_module, __import__("facm_ext.jvp._blocks", fromlist=["x"])):
-        monkeypatch.setattr(module, "call_op", call_op)
+    _make_unavailable(monkeypatch, unavailable)
     report = _check_attention(func, x, tx, what=unavailable)
     assert any("unavailable in this test" in r for rs in report.reasons.values() for r in rs), str(report)
 
@@ -564,3 +566,35 @@ def test_attention_module_keeps_hooks_rules_and_handlers():
     finally:
         unregister()
     assert calls.count("handler") == 1, calls
+
+
+
+def test_wan_attention_modules_run_on_pairs_and_keep_hooks():
+    from facm_ext.models.wan import wan_small
+
+    wan = wan_small(num_layers=2)
+    with torch.no_grad():
+        for p in wan.parameters():
+            p.normal_(0.0, 0.2)
+    wan.double()
+    context, context_lens = randn(2, 8, 32), torch.tensor([8, 5])
+    func = lambda x, t: wan(x, t, context, seq_len=6, context_lens=context_lens)  # noqa: E731
+    primals = (randn(2, 4, 1, 4, 4), torch.rand(2, dtype=F64))
+    tangents = (randn(*primals[0].shape), torch.ones_like(primals[1]))
+    with sdpa_kernel(SDPBackend.MATH):
+        ref, tref = torch.func.jvp(func, primals, tangents)
+    facm_ext.jvp(func, primals, tangents)  # recognition and verification
+    out, tout, report = facm_ext.jvp(func, primals, tangents, report=True)
+    assert_rel_close(tout, tref, F64, what="tangent")
+    for name in ("Tensor.transpose", "Tensor.unflatten", "Tensor.flatten"):
+        assert report.fallback.get(name, 0) <= 2, f"{name}: the head reshapes run on pairs\n{report}"
+
+    calls = []
+    handle = wan.blocks[1].cross_attn.attention.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        out, tout, report = facm_ext.jvp(func, primals, tangents, report=True)
+    finally:
+        handle.remove()
+    assert calls == [1], "the hook inside the cross-attention must run"
+    assert_rel_close(tout, tref, F64, what="tangent with a hook")
+    assert report.fallback.get("Tensor.unflatten", 0) >= 3, "the hooked block and attention run per op\n" + str(report)

@@ -337,11 +337,19 @@ def _wan_fused_forward(block: nn.Module, args: tuple, norms):
     mods = [(p.squeeze(2), None if t is None else t.squeeze(2))
             for p, t in _chunks(block.modulation.unsqueeze(0) + e, 6, 2)]
     shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mods
-    h = _adaln(x, shift_sa, scale_sa, norms[0], block.norm1, per_token=True).to(compute_dtype)
+    h = _cast(_adaln(x, shift_sa, scale_sa, norms[0], block.norm1, per_token=True), compute_dtype)
     x = _gated(x, gate_sa, block.self_attn(h, seq_lens, rope_cos, rope_sin), per_token=True)
-    x = x + block.cross_attn(block.norm3(x).to(compute_dtype), context, context_lens)
-    h = _adaln(x, shift_ff, scale_ff, norms[1], block.norm2, per_token=True).to(compute_dtype)
+    x = x + block.cross_attn(_cast(block.norm3(x), compute_dtype), context, context_lens)
+    h = _cast(_adaln(x, shift_ff, scale_ff, norms[1], block.norm2, per_token=True), compute_dtype)
     return _gated(x, gate_ff, block.ffn(h), per_token=True)
+
+
+def _cast(value, dtype: torch.dtype):
+    """``value.to(dtype)`` for a value just computed here: itself when it has that dtype already (``.to`` would
+    return an alias of it through a dispatched fallback)."""
+    with DisableTorchFunctionSubclass():
+        same = value.dtype == dtype
+    return value if same else value.to(dtype)
 
 
 # -------------------------------------------------------------------------------------------- attention modules
@@ -442,28 +450,29 @@ def _value_of(pair):
     return primal if tangent is None else wrap_op_result(primal, tangent)
 
 
-def _module_pair(module, pair, *, check_hooks: bool = False):
-    """``module(value)`` as a pair, ``pair`` standing for the value: through the module's rule on the pair where
-    the per-op path would send the call to that rule, else the module called on the value (the per-op path
-    itself). check_hooks: the module is not in the subtree whose hooks the caller checked."""
+def _module_pair(module, pair, *extra, check_hooks: bool = False):
+    """``module(value, *extra)`` as a pair, ``pair`` standing for the value (``extra``: plain arguments): through
+    the module's rule on the pair where the per-op path would send the call to that rule, else the module called
+    on the value (the per-op path itself). check_hooks: the module is not in the subtree whose hooks the caller
+    checked."""
     from ._modules import _HANDLERS, _has_hooks, _pattern_for, _user_rule
 
     if not (any(predicate(module) for predicate, _ in _HANDLERS) or _user_rule(type(module)) is not None
             or (check_hooks and _has_hooks(module))):
-        if type(module) is nn.Identity:
+        if type(module) is nn.Identity and not extra:
             return pair
         if type(module) is nn.Linear:
-            if "forward" not in module.__dict__ and module._compiled_call_impl is None:
+            if not extra and "forward" not in module.__dict__ and module._compiled_call_impl is None:
                 result = _linear_pair(module, *pair)
                 if result is not None:
                     return result
         else:
             pair_rule = getattr(_pattern_for(module), "pair_rule", None)
             if pair_rule is not None:
-                result = pair_rule(module, *pair)
+                result = pair_rule(module, *pair, *extra)
                 if result is not None:
                     return result
-    return split_dual(module(_value_of(pair)))
+    return split_dual(module(_value_of(pair), *extra))
 
 
 def _linear_pair(module: nn.Linear, x_p, x_t):
@@ -482,3 +491,127 @@ def _sdpa_pair(q, k, v):
             return result
     # Where the fused op declined, the per-op path (its rule records why).
     return split_dual(torch.nn.functional.scaled_dot_product_attention(_value_of(q), _value_of(k), _value_of(v)))
+
+
+_WAN_ATTENTION_CHILDREN = {"q", "k", "v", "o", "norm_q", "norm_k", "rope", "attention"}
+_WAN_SELF_ATTENTION_ARGS = ["x", "seq_lens", "rope_cos", "rope_sin"]
+_WAN_CROSS_ATTENTION_ARGS = ["x", "context", "context_lens"]
+
+
+def wan_attention_rule(module: nn.Module):
+    """The fused rule for Wan's self- and cross-attention modules (official ``WanSelfAttention`` /
+    ``WanCrossAttention``): ``_heads(t) = t.unflatten(-1, (num_heads, head_dim)).transpose(1, 2)``,
+
+        self:  q = _heads(norm_q(q(x))); k = _heads(norm_k(k(x))); v = _heads(v(x))
+               if rope_cos is not None: q, k = rope(q, rope_cos, rope_sin), rope(k, rope_cos, rope_sin)
+               return o(attention(q, k, v, seq_lens).transpose(1, 2).flatten(2))
+        cross: the same with k and v from ``context``, no RoPE, ``context_lens`` as the key lengths
+
+    forward(x, seq_lens, rope_cos, rope_sin) or forward(x, context, context_lens=None). As for
+    :func:`attention_module_rule`: the projections, norms and RoPE through the fused ops on primal/tangent pairs,
+    the head reshapes on both, ``attention`` (a module) called as the per-op path calls it. Verified on the first
+    call, on the first sample and a window of the first tokens. Or None."""
+    children = dict(module.named_children())
+    if set(children) != _WAN_ATTENTION_CHILDREN or module._parameters or module._buffers:
+        return None
+    heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
+    if type(heads) is not int or type(head_dim) is not int:
+        return None
+    channels = heads * head_dim
+    for name in ("q", "k", "v", "o"):
+        if type(children[name]) is not nn.Linear or children[name].out_features != channels:
+            return None
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    names = [p.name for p in parameters]
+    if names not in (_WAN_SELF_ATTENTION_ARGS, _WAN_CROSS_ATTENTION_ARGS):
+        return None
+    if any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in parameters):
+        return None
+    cross = names == _WAN_CROSS_ATTENTION_ARGS
+    defaults = [None if p.default is p.empty else p.default for p in parameters]
+    required = sum(p.default is p.empty for p in parameters)
+    module_ref = weakref.ref(module)
+    verdict: dict = {}
+
+    def bind(args, kwargs):
+        if len(args) > len(names) or not set(kwargs) <= set(names[len(args):]):
+            return None
+        values = list(args) + [kwargs.get(n, d) for n, d in zip(names[len(args):], defaults[len(args):])]
+        if len(args) + sum(n in kwargs for n in names[len(args):]) < required:
+            return None
+        return values
+
+    def wan_attention(mod, args, kwargs):
+        values = bind(args, kwargs) if module_ref() is mod else None
+        if values is None:
+            return NotImplemented
+        x = values[0]
+        with DisableTorchFunctionSubclass():  # shape reads on duals without a dispatch each
+            if not (isinstance(x, torch.Tensor) and x.dim() == 3):
+                return NotImplemented
+        if "ok" not in verdict:
+            sample = _wan_attention_window(values, cross)
+            if sample is None:
+                verdict["ok"], why = False, "not verified: arguments not in the Wan attention form"
+            else:
+                verdict["ok"], why = _verify(mod, sample, lambda m, a: _wan_attention_forward(m, a, cross))
+            if not verdict["ok"]:
+                record_fallback(f"{type(mod).__name__} (Wan attention)", why)
+        if not verdict["ok"]:
+            return NotImplemented
+        return _wan_attention_forward(mod, values, cross)
+
+    return wan_attention
+
+
+def _wan_attention_window(values: list, cross: bool):
+    """The first sample and (self-attention) a window of the first tokens of Wan attention arguments, tables and
+    key lengths cut to match; None when they do not have that form."""
+    x = values[0]
+    batch, tokens = x.shape[0], x.shape[1]
+    if cross:
+        context, context_lens = values[1], values[2]
+        if not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[0] != batch:
+            return None
+        if context_lens is not None and (not isinstance(context_lens, torch.Tensor) or context_lens.dim() != 1):
+            return None
+        return (_first_sample(x, batch), _first_sample(context, batch),
+                None if context_lens is None else context_lens[:1])
+    seq_lens, rope_cos, rope_sin = values[1], values[2], values[3]
+    window = min(tokens, _WAN_CHECK_TOKENS)
+    for table in (rope_cos, rope_sin):
+        if table is not None and (not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[0] != tokens):
+            return None
+    if seq_lens is not None and (not isinstance(seq_lens, torch.Tensor) or seq_lens.shape != (batch,)):
+        return None
+    primal, tangent = split_dual(x)
+    primal = primal.detach()[:1, :window]
+    x_w = make_dual(primal, None if tangent is None else tangent[:1, :window]) if tangent is not None else primal
+    return (x_w, None if seq_lens is None else seq_lens[:1].clamp(max=window),
+            None if rope_cos is None else split_dual(rope_cos)[0][:window],
+            None if rope_sin is None else split_dual(rope_sin)[0][:window])
+
+
+def _wan_attention_forward(module: nn.Module, values, cross: bool):
+    heads, head_dim = module.num_heads, module.head_dim
+
+    def split_heads(t):
+        return t.unflatten(-1, (heads, head_dim)).transpose(1, 2)
+
+    x = split_dual(values[0])
+    source = split_dual(values[1]) if cross else x
+    q = _pair_map(_module_pair(module.norm_q, _module_pair(module.q, x)), split_heads)
+    k = _pair_map(_module_pair(module.norm_k, _module_pair(module.k, source)), split_heads)
+    v = _pair_map(_module_pair(module.v, source), split_heads)
+    if cross:
+        key_lengths = values[2]
+    else:
+        key_lengths, rope_cos, rope_sin = values[1], values[2], values[3]
+        if rope_cos is not None:
+            q = _module_pair(module.rope, q, rope_cos, rope_sin)
+            k = _module_pair(module.rope, k, rope_cos, rope_sin)
+    out = split_dual(module.attention(_value_of(q), _value_of(k), _value_of(v), key_lengths))
+    return _value_of(_module_pair(module.o, _pair_map(out, lambda t: t.transpose(1, 2).flatten(2))))

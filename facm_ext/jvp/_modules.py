@@ -22,8 +22,8 @@ module call then goes, in order, to:
      verified on probes for both pair conventions -> ``rope_jvp``;
    - adaLN-Zero blocks and Wan 2.2 blocks (facm_ext/jvp/_blocks.py), verified on their first call ->
      ``adaln_jvp`` and ``gated_residual_jvp`` around the block's own attention and MLP;
-   - DiT/LightningDiT (timm-style) attention modules (facm_ext/jvp/_blocks.py), verified on their first call ->
-     their projections, norms, RoPE and attention through the fused ops on primal/tangent pairs;
+   - DiT/LightningDiT (timm-style) and Wan attention modules (facm_ext/jvp/_blocks.py), verified on their first
+     call -> their projections, norms, RoPE and attention through the fused ops on primal/tangent pairs;
    patterns are looked up once per module instance and skipped for instances whose ``forward`` was replaced;
 4. otherwise the module's normal ``__call__`` (hooks included); its functions are still intercepted.
 nn.Linear, nn.LayerNorm and nn.RMSNorm need no module rule: their F.linear / F.layer_norm / F.rms_norm calls are
@@ -334,9 +334,10 @@ def _recognize(module: nn.Module):
     rope = _rope_like(module)
     if rope is not None:
         return rope
-    from ._blocks import adaln_block_rule, attention_module_rule, wan_block_rule
+    from ._blocks import adaln_block_rule, attention_module_rule, wan_attention_rule, wan_block_rule
 
-    block = adaln_block_rule(module) or wan_block_rule(module) or attention_module_rule(module)
+    block = (adaln_block_rule(module) or wan_block_rule(module) or attention_module_rule(module)
+             or wan_attention_rule(module))
     if block is not None:
         return block
     return _NOT_A_PATTERN
@@ -521,12 +522,18 @@ def _make_rope_rule(module: nn.Module, source: str, order, interleaved: bool, ta
         result = rope_on_tables(mod, x_p, x_t, cos, sin)
         return NotImplemented if result is None else wrap_op_result(*result)
 
-    def rope_pair(mod, x_p, x_t):
-        """The fused op's (primal, tangent) for the input pair of ``mod(x)`` (the tables are the module's buffers),
-        or None where the module's own forward must run."""
-        if source != "buffers" or module_ref() is not mod:
+    def rope_pair(mod, x_p, x_t, *tables):
+        """The fused op's (primal, tangent) for the input pair of ``mod(x)`` (tables from the module's buffers) or
+        ``mod(x, cos, sin)`` (``tables``: plain cos and sin), or None where the module's own forward must run."""
+        if module_ref() is not mod:
             return None
-        return rope_on_tables(mod, x_p, x_t, getattr(mod, cos_name), getattr(mod, sin_name))
+        if source == "buffers":
+            if tables:
+                return None
+            return rope_on_tables(mod, x_p, x_t, getattr(mod, cos_name), getattr(mod, sin_name))
+        if len(tables) != 2 or any(type(t) is DualTensor for t in tables):
+            return None
+        return rope_on_tables(mod, x_p, x_t, *tables)
 
     def rope_on_tables(mod, x_p, x_t, cos, sin):
         if x_t is None or x_p.dim() != 4 or cos.dim() != 2 or cos.shape[0] != x_p.shape[2]:
