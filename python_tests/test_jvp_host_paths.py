@@ -503,6 +503,14 @@ def test_attention_module_rule_steps_fall_back_like_the_per_op_path(monkeypatch,
     assert any("unavailable in this test" in r for rs in report.reasons.values() for r in rs), str(report)
 
 
+def test_attention_module_with_a_function_as_rope():
+    attention, rope = _attention("rms"), _rope()
+    x, tx = randn(2, 4, 32, requires_grad=True), randn(2, 4, 32)
+    rope_function = lambda t: rope.forward(t) * 1.5  # noqa: E731  (not a module: called on the duals as is)
+    _check_attention(lambda x: attention(x, rope_function), x, tx)
+    _check_attention(lambda x: attention(x, rope=rope_function), x, tx)
+
+
 def test_attention_module_with_another_forward_is_not_fused():
     from facm_ext.models.lightningdit import Attention
 

@@ -457,7 +457,8 @@ def _module_pair(module, pair, *extra, check_hooks: bool = False):
     checked."""
     from ._modules import _HANDLERS, _has_hooks, _pattern_for, _user_rule
 
-    if not (any(predicate(module) for predicate, _ in _HANDLERS) or _user_rule(type(module)) is not None
+    if isinstance(module, nn.Module) and not (
+            any(predicate(module) for predicate, _ in _HANDLERS) or _user_rule(type(module)) is not None
             or (check_hooks and _has_hooks(module))):
         if type(module) is nn.Identity and not extra:
             return pair
