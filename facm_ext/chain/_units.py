@@ -29,17 +29,20 @@ _fsdp2_class = _NOT_LOOKED_UP
 
 
 def _fsdp2_module_class():
-    """FSDPModule, or None when this torch has no FSDP2; imported once (is_fsdp2_unit runs on every module call
-    of a transform once the chain's handler is registered)."""
+    """FSDPModule, or None when this torch has no FSDP2 (or no torch.distributed); looked up once: is_fsdp2_unit
+    runs on every module call of a transform once the chain's handler is registered, which importing
+    torch._dynamo (the transform's first call does) makes happen in every process."""
     global _fsdp2_class
     if _fsdp2_class is _NOT_LOOKED_UP:
-        try:
-            from torch.distributed.fsdp import FSDPModule
-        except ImportError:  # torch < 2.6 kept FSDP2 under _composable
+        FSDPModule = None
+        if torch.distributed.is_available():
             try:
-                from torch.distributed._composable.fsdp import FSDPModule
-            except ImportError:
-                FSDPModule = None
+                from torch.distributed.fsdp import FSDPModule
+            except ImportError:  # torch < 2.6 kept FSDP2 under _composable
+                try:
+                    from torch.distributed._composable.fsdp import FSDPModule
+                except ImportError:
+                    FSDPModule = None
         _fsdp2_class = FSDPModule
     return _fsdp2_class
 
@@ -53,7 +56,7 @@ def _fsdp1_module_class():
 
 
 def is_fsdp2_unit(module: nn.Module) -> bool:
-    cls = _fsdp2_module_class() if torch.distributed.is_available() else None
+    cls = _fsdp2_module_class()
     return cls is not None and isinstance(module, cls)
 
 
