@@ -85,8 +85,10 @@ def autocast_cast(device_type: str, *tensors: Optional[torch.Tensor]) -> tuple:
     if not torch.is_autocast_enabled(device_type):
         return tensors
     target = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(target) if t is not None and t.dtype in (torch.float16, torch.bfloat16, torch.float32)
-                 else t for t in tensors)
+    # .to() of a tensor already in the target dtype returns it; skipping the call saves its host time (x and tx
+    # arrive cast: the previous layer ran under autocast too).
+    return tuple(t.to(target) if t is not None and t.dtype != target
+                 and t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t for t in tensors)
 
 
 # ------------------------------------------------------------------------------------------------------ validation
