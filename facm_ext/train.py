@@ -554,6 +554,10 @@ def train(args, out: Path, device, dist: Dist) -> TrainState:
         state.ema.update(state.model)
         state.step += 1
         progress.update(state.step - 1, total, {k: v.detach() for k, v in losses.items()}, args.batch)
+        # Drop this step's autograd graph before the next step: its AccumulateGrad nodes were made on the default
+        # stream, and a live one turns the next capture of the student's backward (--jvp graph) into a wait on
+        # that stream, which CUDA refuses during capture.
+        del loss, losses
         if state.step % args.ckpt_every == 0 or state.step == total or state.step == stage1_steps:
             save_training_checkpoint(state, args, out, dist)
     if state.teacher is None and args.facm_steps == 0 and stage1_steps > 0:
