@@ -606,3 +606,15 @@ def test_wan_attention_modules_run_on_pairs_and_keep_hooks():
     assert calls == [1], "the hook inside the cross-attention must run"
     assert_rel_close(tout, tref, F64, what="tangent with a hook")
     assert report.fallback.get("Tensor.unflatten", 0) >= 3, "the hooked block and attention run per op\n" + str(report)
+
+
+def test_sdpa_rule_three_dimensional_inputs_fall_back_with_the_reason():
+    q, k, v = randn(3, 5, 8), randn(3, 6, 8), randn(3, 6, 8)
+    tangents = (randn(3, 5, 8), randn(3, 6, 8), randn(3, 6, 8))
+    func = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    out, tout, report = facm_ext.jvp(func, (q, k, v), tangents, report=True)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref, tref = torch.func.jvp(func, (q, k, v), tangents)
+    assert_rel_close(out, ref, F64, what="primal")
+    assert_rel_close(tout, tref, F64, what="tangent")
+    assert "only 4-D" in " ".join(report.reasons["F.scaled_dot_product_attention"]), str(report)

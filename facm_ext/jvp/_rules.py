@@ -153,9 +153,10 @@ def _sdpa_rule(args, kwargs):
         return _sdpa_fallback(args, kwargs, reason="dropout/is_causal/enable_gqa not fused")
     # Shapes read with the subclass's torch-function handling off: on a dual, each read would be a dispatch.
     with DisableTorchFunctionSubclass():
-        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-            return _sdpa_fallback(args, kwargs, reason="only 4-D [B, H, L, D] inputs are fused")
-        batch, keys = q.shape[0], k.shape[-2]
+        four_d = q.dim() == 4 and k.dim() == 4 and v.dim() == 4
+        batch, keys = (q.shape[0], k.shape[-2]) if four_d else (None, None)
+    if not four_d:
+        return _sdpa_fallback(args, kwargs, reason="only 4-D [B, H, L, D] inputs are fused")
     key_lengths = None
     if attn_mask is not None:
         key_lengths = _key_lengths_of_mask(plain(attn_mask), batch, keys)
