@@ -91,12 +91,8 @@ def adaln_block_rule(module: nn.Module):
                     and isinstance(c, torch.Tensor) and c.dim() == 2 and c.shape[0] == x.shape[0]):
                 return NotImplemented
             batch = x.shape[0]
-        if "ok" not in verdict:
-            sample = tuple(_first_sample(a, batch) for a in args)
-            verdict["ok"], why = _verify(mod, sample, lambda block, a: _fused_forward(block, a, norms))
-            if not verdict["ok"]:
-                record_fallback(f"{type(mod).__name__} (adaLN block)", why)
-        if not verdict["ok"]:
+        if not _verified_once(verdict, mod, "adaLN block", lambda: tuple(_first_sample(a, batch) for a in args),
+                              lambda block, a: _fused_forward(block, a, norms)):
             return NotImplemented
         return _fused_forward(mod, args, norms)
 
@@ -195,6 +191,29 @@ def _widen(value, dtype: torch.dtype):
     return primal.to(dtype)
 
 
+def _forward_parameters(module: nn.Module) -> Optional[list]:
+    """The parameters of ``module.forward``'s signature, or None where Python cannot tell them (builtins, C)."""
+    try:
+        return list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+
+
+def _verified_once(verdict: dict, mod: nn.Module, kind: str, make_sample, fused_forward) -> bool:
+    """Whether a fused rule may run for this module instance: on the first call its fused forward is checked against
+    the module's own forward (:func:`_verify`) on ``make_sample()`` (None: the call is not in the ``kind`` form) and
+    the verdict is kept in ``verdict``; a failed check is reported as a fallback, with its reason."""
+    if "ok" not in verdict:
+        sample = make_sample()
+        if sample is None:
+            verdict["ok"], why = False, f"not verified: arguments not in the {kind} form"
+        else:
+            verdict["ok"], why = _verify(mod, sample, fused_forward)
+        if not verdict["ok"]:
+            record_fallback(f"{type(mod).__name__} ({kind})", why)
+    return verdict["ok"]
+
+
 def _verify(block: nn.Module, sample: tuple, fused_forward) -> tuple[bool, Optional[str]]:
     """Compare ``fused_forward(block, sample)`` with the block's own forward (under the transform, without the
     block's hooks, which the pattern requires to be absent or, under run_module, handled by the caller) on the
@@ -288,15 +307,7 @@ def wan_block_rule(module: nn.Module):
                     and isinstance(e, torch.Tensor) and e.dim() == 4 and tuple(e.shape[2:]) == (6, channels)
                     and e.shape[:2] == x.shape[:2]):
                 return NotImplemented
-        if "ok" not in verdict:
-            sample = _wan_window(args)
-            if sample is None:
-                verdict["ok"], why = False, "not verified: arguments not in the Wan block form"
-            else:
-                verdict["ok"], why = _verify(mod, sample, fused)
-            if not verdict["ok"]:
-                record_fallback(f"{type(mod).__name__} (Wan block)", why)
-        if not verdict["ok"]:
+        if not _verified_once(verdict, mod, "Wan block", lambda: _wan_window(args), fused):
             return NotImplemented
         return fused(mod, args)
 
@@ -385,9 +396,8 @@ def attention_module_rule(module: nn.Module):
     if (qkv.in_features, qkv.out_features, proj.in_features, proj.out_features) != (channels, 3 * channels,
                                                                                    channels, channels):
         return None
-    try:
-        parameters = list(inspect.signature(module.forward).parameters.values())
-    except (TypeError, ValueError):
+    parameters = _forward_parameters(module)
+    if parameters is None:
         return None
     names = [p.name for p in parameters]
     if names not in (["x"], ["x", "rope"]) or any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in parameters):
@@ -406,12 +416,8 @@ def attention_module_rule(module: nn.Module):
             if not (isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[-1] == channels):
                 return NotImplemented
             batch = x.shape[0]
-        if "ok" not in verdict:
-            sample = (_first_sample(x, batch), rope)
-            verdict["ok"], why = _verify(mod, sample, lambda m, a: _attention_forward(m, *a))
-            if not verdict["ok"]:
-                record_fallback(f"{type(mod).__name__} (attention module)", why)
-        if not verdict["ok"]:
+        if not _verified_once(verdict, mod, "attention module", lambda: (_first_sample(x, batch), rope),
+                              lambda m, a: _attention_forward(m, *a)):
             return NotImplemented
         return _attention_forward(mod, x, rope)
 
@@ -522,9 +528,8 @@ def wan_attention_rule(module: nn.Module):
     for name in ("q", "k", "v", "o"):
         if type(children[name]) is not nn.Linear or children[name].out_features != channels:
             return None
-    try:
-        parameters = list(inspect.signature(module.forward).parameters.values())
-    except (TypeError, ValueError):
+    parameters = _forward_parameters(module)
+    if parameters is None:
         return None
     names = [p.name for p in parameters]
     if names not in (_WAN_SELF_ATTENTION_ARGS, _WAN_CROSS_ATTENTION_ARGS):
@@ -553,15 +558,8 @@ def wan_attention_rule(module: nn.Module):
         with DisableTorchFunctionSubclass():  # shape reads on duals without a dispatch each
             if not (isinstance(x, torch.Tensor) and x.dim() == 3):
                 return NotImplemented
-        if "ok" not in verdict:
-            sample = _wan_attention_window(values, cross)
-            if sample is None:
-                verdict["ok"], why = False, "not verified: arguments not in the Wan attention form"
-            else:
-                verdict["ok"], why = _verify(mod, sample, lambda m, a: _wan_attention_forward(m, a, cross))
-            if not verdict["ok"]:
-                record_fallback(f"{type(mod).__name__} (Wan attention)", why)
-        if not verdict["ok"]:
+        if not _verified_once(verdict, mod, "Wan attention", lambda: _wan_attention_window(values, cross),
+                              lambda m, a: _wan_attention_forward(m, a, cross)):
             return NotImplemented
         return _wan_attention_forward(mod, values, cross)
 

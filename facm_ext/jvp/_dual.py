@@ -441,16 +441,10 @@ def fallback(func, args: tuple, kwargs: dict, *, tangent_context: Optional[Calla
 
     with DisableTorchFunctionSubclass():
         out = func(*args, **kwargs)
-    if type(out) is torch.Tensor:
-        if not _is_differentiable_dtype(out):
-            return out
-        out_flat, how, diff_positions = [out], None, [0]
-    else:
-        out_flat, how = _flatten_out(out)
-        diff_positions = [i for i, o in enumerate(out_flat)
-                          if isinstance(o, torch.Tensor) and _is_differentiable_dtype(o)]
-        if not diff_positions:
-            return out
+    outputs = _differentiable_outputs(out)
+    if outputs is None:
+        return out
+    out_flat, how, diff_positions = outputs
 
     first_dual = bool(args) and type(args[0]) is DualTensor
     tangents_flat: Optional[list] = None
@@ -503,24 +497,10 @@ def fallback(func, args: tuple, kwargs: dict, *, tangent_context: Optional[Calla
 
     # reshape/contiguous/flatten/... return a view only sometimes: flag memory sharing only when it happened.
     is_view = kind == "view" and bool(args) and type(args[0]) is DualTensor and _shares_storage(out_flat, args[0])
-    if how is None:
-        tangent = tangents_flat[0]
-        result = _wrap(out, tangent if isinstance(tangent, torch.Tensor) else None)
-        if is_view:
-            result._facm_shares_memory = True
-            for i in dual_idx:
-                flat[i]._facm_shares_memory = True
-        return result
-    result = list(out_flat)
-    for i in diff_positions:
-        tangent = tangents_flat[i] if i < len(tangents_flat) else None
-        result[i] = _wrap(out_flat[i], tangent if isinstance(tangent, torch.Tensor) else None)
-        if is_view:
-            result[i]._facm_shares_memory = True
     if is_view:
         for i in dual_idx:
             flat[i]._facm_shares_memory = True
-    return _unflatten_out(result, how)
+    return _wrap_outputs(out, out_flat, how, tangents_flat, diff_positions, is_view)
 
 
 def _shares_storage(outputs: list, source: torch.Tensor) -> bool:
@@ -557,16 +537,10 @@ def _same_op_on_tangent(func, kind: str, args: tuple, kwargs: dict, what: Option
     source = args[0]
     with DisableTorchFunctionSubclass():
         out = func(*args, **kwargs)
-        if isinstance(out, torch.Tensor):
-            if not _is_differentiable_dtype(out):
-                return out
-            out_flat, how, diff_positions = [out], None, None
-        else:
-            out_flat, how = _flatten_out(out)
-            diff_positions = [i for i, o in enumerate(out_flat)
-                              if isinstance(o, torch.Tensor) and _is_differentiable_dtype(o)]
-            if not diff_positions:
-                return out
+        outputs = _differentiable_outputs(out)
+        if outputs is None:
+            return out
+        out_flat, how, diff_positions = outputs
         with _no_grad():
             tangents_flat = _as_list(func(source._facm_tangent, *args[1:], **kwargs))
         # reshape/contiguous/flatten/... return a view only sometimes: flag memory sharing only when it happened.
@@ -580,6 +554,22 @@ def _same_op_on_tangent(func, kind: str, args: tuple, kwargs: dict, what: Option
         for a in args:
             if type(a) is DualTensor:
                 a._facm_shares_memory = True
+    return _wrap_outputs(out, out_flat, how, tangents_flat, diff_positions, is_view)
+
+
+def _differentiable_outputs(out):
+    """(flat outputs, how to rebuild them (None: ``out`` is one tensor), positions of the floating outputs), or None
+    when no output can carry a tangent (integer results, shapes, ...)."""
+    if isinstance(out, torch.Tensor):
+        return ([out], None, [0]) if _is_differentiable_dtype(out) else None
+    out_flat, how = _flatten_out(out)
+    diff_positions = [i for i, o in enumerate(out_flat) if isinstance(o, torch.Tensor) and _is_differentiable_dtype(o)]
+    return (out_flat, how, diff_positions) if diff_positions else None
+
+
+def _wrap_outputs(out, out_flat: list, how, tangents_flat: list, diff_positions, is_view: bool):
+    """The op's outputs as duals carrying their tangents (``how`` None: the single tensor ``out``), each flagged as
+    sharing memory when the op returned a view."""
     if how is None:
         tangent = tangents_flat[0]
         result = _wrap(out, tangent if isinstance(tangent, torch.Tensor) else None)
