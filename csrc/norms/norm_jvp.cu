@@ -2,8 +2,11 @@
 // tangent presence. Rows live in registers: each row is handled by a group of `tpr` threads (4..32 lanes of one
 // warp for short rows such as qk-norm's 72 channels, or a whole block of up to 512 threads for 1152 / 5120
 // channels), each thread holding ITEMS vectors of VEC elements of x and x'. One read of every input, one write
-// of every output. Reductions are in fp32 with a fixed order (deterministic).
+// of every output. Reductions are in fp32 with a fixed order (deterministic). Modulation without a norm runs an
+// elementwise kernel instead (modulate_jvp_kernel).
 #include "norm_jvp.h"
+
+#include "pointwise/vec_io.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -588,8 +591,7 @@ template <typename T, typename M, int VEC, int ROWS>
 cudaError_t launch_modulate_rows(const NormJvpParams& p, cudaStream_t stream) {
   const int64_t rows = p.batch * p.length;
   const int64_t work = ceil_div(rows, ROWS) * (p.channels / VEC);
-  // One thread per work item; the kernel's grid-stride loop only matters past the 2^31 - 1 block limit.
-  const int64_t blocks = std::min<int64_t>(ceil_div(work, kElementwiseThreads), 0x7fffffffLL);
+  const int64_t blocks = vec_io::covering_blocks(work, kElementwiseThreads);  // one thread per work item
   const dim3 grid(static_cast<unsigned>(blocks)), block(kElementwiseThreads);
   const int64_t max_index = std::max(rows * p.channels, work + blocks * kElementwiseThreads);
   if (max_index <= 0x7fffffffLL) {
