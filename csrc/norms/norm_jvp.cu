@@ -216,12 +216,10 @@ __device__ __forceinline__ void write_outputs(const NormJvpParams& p, bool mod_f
       if constexpr (NORM == static_cast<int>(NormKind::kLayer)) {
         n = (xj - st.mean) * st.rstd;
         nt = st.rstd * (tj - st.tx_mean - n * st.ntx_mean);
-      } else if constexpr (NORM == static_cast<int>(NormKind::kRms)) {
+      } else {
+        static_assert(NORM == static_cast<int>(NormKind::kRms), "modulation alone runs modulate_jvp_kernel");
         n = xj * st.rstd;
         nt = st.rstd * (tj - n * st.ntx_mean);
-      } else {
-        n = xj;
-        nt = tj;
       }
       const float a = n * w[j] + bias[j];
       const float at = nt * w[j];
@@ -266,28 +264,27 @@ __global__ void __launch_bounds__(kMaxThreads) norm_jvp_kernel(const NormJvpPara
 
   const float inv_c = 1.f / static_cast<float>(C);
   RowStats st;
-  if constexpr (NORM != static_cast<int>(NormKind::kNone)) {
-    float sums[2] = {0.f, 0.f};  // zero-filled vectors past C add nothing
+  static_assert(NORM != static_cast<int>(NormKind::kNone), "modulation alone runs modulate_jvp_kernel");
+  float sums[2] = {0.f, 0.f};  // zero-filled vectors past C add nothing
 #pragma unroll
-    for (int i = 0; i < ITEMS; ++i) add_first_sums<T, NORM, VEC>(x_raw[i], tx_raw[i], sums);
-    row_allreduce<2>(sums, tpr, scratch_first);
-    if constexpr (NORM == static_cast<int>(NormKind::kLayer)) {
-      st.mean = sums[0] * inv_c;
-      st.tx_mean = sums[1] * inv_c;
-      float centered[2] = {0.f, 0.f};
+  for (int i = 0; i < ITEMS; ++i) add_first_sums<T, NORM, VEC>(x_raw[i], tx_raw[i], sums);
+  row_allreduce<2>(sums, tpr, scratch_first);
+  if constexpr (NORM == static_cast<int>(NormKind::kLayer)) {
+    st.mean = sums[0] * inv_c;
+    st.tx_mean = sums[1] * inv_c;
+    float centered[2] = {0.f, 0.f};
 #pragma unroll
-      for (int i = 0; i < ITEMS; ++i) {
-        if ((static_cast<int64_t>(i) * tpr + lane) * VEC < C) {
-          add_centered_sums<T, VEC>(x_raw[i], tx_raw[i], st.mean, centered);
-        }
+    for (int i = 0; i < ITEMS; ++i) {
+      if ((static_cast<int64_t>(i) * tpr + lane) * VEC < C) {
+        add_centered_sums<T, VEC>(x_raw[i], tx_raw[i], st.mean, centered);
       }
-      row_allreduce<2>(centered, tpr, scratch_second);
-      st.rstd = rsqrtf(centered[0] * inv_c + p.eps);
-      st.ntx_mean = centered[1] * inv_c * st.rstd;
-    } else {
-      st.rstd = rsqrtf(sums[0] * inv_c + p.eps);
-      st.ntx_mean = sums[1] * inv_c * st.rstd;
     }
+    row_allreduce<2>(centered, tpr, scratch_second);
+    st.rstd = rsqrtf(centered[0] * inv_c + p.eps);
+    st.ntx_mean = centered[1] * inv_c * st.rstd;
+  } else {
+    st.rstd = rsqrtf(sums[0] * inv_c + p.eps);
+    st.ntx_mean = sums[1] * inv_c * st.rstd;
   }
 
   if (!row_ok) return;  // no barrier or shuffle below
@@ -428,30 +425,29 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedMinBlocks) norm_jvp_sme
   const Vec zero = raw_zero<T, VEC>();
   const float inv_c = 1.f / static_cast<float>(C);
   RowStats st;
-  if constexpr (NORM != static_cast<int>(NormKind::kNone)) {
-    float sums[2] = {0.f, 0.f};
+  static_assert(NORM != static_cast<int>(NormKind::kNone), "modulation alone runs modulate_jvp_kernel");
+  float sums[2] = {0.f, 0.f};
+  for (int v = threadIdx.x; v < vectors; v += threads) {
+    const Vec xr = *reinterpret_cast<const Vec*>(x_s + v * VEC);
+    const Vec tr = has_tx ? *reinterpret_cast<const Vec*>(tx_s + v * VEC) : zero;
+    add_first_sums<T, NORM, VEC>(xr, tr, sums);
+  }
+  row_allreduce<2>(sums, threads, scratch_first);
+  if constexpr (NORM == static_cast<int>(NormKind::kLayer)) {
+    st.mean = sums[0] * inv_c;
+    st.tx_mean = sums[1] * inv_c;
+    float centered[2] = {0.f, 0.f};
     for (int v = threadIdx.x; v < vectors; v += threads) {
       const Vec xr = *reinterpret_cast<const Vec*>(x_s + v * VEC);
       const Vec tr = has_tx ? *reinterpret_cast<const Vec*>(tx_s + v * VEC) : zero;
-      add_first_sums<T, NORM, VEC>(xr, tr, sums);
+      add_centered_sums<T, VEC>(xr, tr, st.mean, centered);
     }
-    row_allreduce<2>(sums, threads, scratch_first);
-    if constexpr (NORM == static_cast<int>(NormKind::kLayer)) {
-      st.mean = sums[0] * inv_c;
-      st.tx_mean = sums[1] * inv_c;
-      float centered[2] = {0.f, 0.f};
-      for (int v = threadIdx.x; v < vectors; v += threads) {
-        const Vec xr = *reinterpret_cast<const Vec*>(x_s + v * VEC);
-        const Vec tr = has_tx ? *reinterpret_cast<const Vec*>(tx_s + v * VEC) : zero;
-        add_centered_sums<T, VEC>(xr, tr, st.mean, centered);
-      }
-      row_allreduce<2>(centered, threads, scratch_second);
-      st.rstd = rsqrtf(centered[0] * inv_c + p.eps);
-      st.ntx_mean = centered[1] * inv_c * st.rstd;
-    } else {
-      st.rstd = rsqrtf(sums[0] * inv_c + p.eps);
-      st.ntx_mean = sums[1] * inv_c * st.rstd;
-    }
+    row_allreduce<2>(centered, threads, scratch_second);
+    st.rstd = rsqrtf(centered[0] * inv_c + p.eps);
+    st.ntx_mean = centered[1] * inv_c * st.rstd;
+  } else {
+    st.rstd = rsqrtf(sums[0] * inv_c + p.eps);
+    st.ntx_mean = sums[1] * inv_c * st.rstd;
   }
 
   if (threadIdx.x == 0) {
