@@ -135,8 +135,8 @@ def test_bench_norms(benchmark, case):
         _harness.record(group, case, f"facm_ext ({backend})", ms_ours, bytes_moved=bytes_moved,
                         peak_gib=_harness.peak_extra_memory_gib(ours),
                         note=f"rel. diff vs eager jvp {err:.1e}; eager call {_harness.median_ms(ours):.3f} ms")
-        if backend == "cuda" and dtype != F32 and i["x"].shape[-1] > 1024:
-            # A/B of the row staging: 16-bit rows of > 128 vectors run shared-memory-staged by default.
+        if backend == "cuda" and i["x"].shape[-1] > 1024:
+            # A/B of the row staging: rows of > 128 vectors run shared-memory-staged by default.
             os.environ[STAGING_ENV] = "registers"
             try:
                 ms = _harness.kernel_ms(ours)

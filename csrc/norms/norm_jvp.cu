@@ -26,7 +26,9 @@ constexpr int kMaxItemsVector = 4;
 constexpr int kMaxItemsScalar = 16;
 constexpr int kStagedThreads = 128;         // threads per row of the shared-memory-staged kernel at most
 constexpr int kStagedMinBlocks = 8;        // 64 registers: eight 128-thread staged rows per SM
-constexpr int64_t kMaxStagedBytes = 48 * 1024;  // staged x (+ x') per block: the default dynamic smem limit
+// Staged x (+ x') per block at most: the default 48 KB per-block shared memory limit less room for the static
+// reduction scratch (fp32 rows of 6144 channels with a tangent would need exactly 48 KB and fail to launch).
+constexpr int64_t kMaxStagedBytes = 46 * 1024;
 constexpr int kElementwiseThreads = 256;       // modulation without a norm: one vector per thread
 
 __device__ __forceinline__ float to_float(float v) { return v; }
@@ -389,35 +391,131 @@ __device__ __forceinline__ void wait_async_copies() {
 }
 
 // Rows staged in shared memory: one block per row, the whole row of x (and x') copied with cp.async before any
-// arithmetic. No register holds a row, so an SM keeps many rows (bytes) in flight; used for 16-bit rows of more
-// than 128 vectors, whose register-resident version is limited to two rows per SM (see choose_shape).
+// arithmetic. No register holds a row, so an SM keeps many rows (bytes) in flight; used for rows of more than 128
+// vectors that fit kMaxStagedBytes, whose register-resident version is limited to two rows per SM (see choose_shape).
 // Needs the vector path (16-byte aligned rows, C % VEC == 0) and blockDim.x a multiple of 32, <= kStagedThreads.
-// Checked on an H200 (2026-11-26): GPU tests against float64, memcheck and racecheck clean; 1.2-1.45x faster than
-// the register-resident path at Wan shapes (benchmarks/RESULTS.md). FACM_EXT_NORMS_ROW_STAGING=registers selects that.
-template <typename T, int NORM>
+// What the row carries is compile-time (AFFINE: weight and/or bias; MOD: no modulation, modulation in x's dtype or
+// fp32) and every operand is addressed from a per-row base pointer with 32-bit channel offsets: a generic version
+// (runtime null checks and 64-bit strided addressing per vector) issued 1.7x the instructions and was
+// issue-bound at 65% of DRAM bandwidth at Wan's LayerNorm shape (ncu, H200, 2026-11-26), against 82% for this form.
+// FACM_EXT_NORMS_ROW_STAGING=registers selects the register-resident kernel instead.
+constexpr int kAffineWeight = 1, kAffineBias = 2;   // AFFINE bit flags
+constexpr int kModNone = 0, kModSame = 1, kModF32 = 2;  // MOD: modulation absent, in x's dtype, or fp32
+
+template <typename T, int MOD>
+using ModElem = std::conditional_t<MOD == kModF32, float, T>;
+
+template <typename M>
+__device__ __forceinline__ const M* operand_row(const Operand3d& op, int64_t b, int64_t l) {
+  return op.data == nullptr ? nullptr : static_cast<const M*>(op.data) + b * op.stride_b + l * op.stride_l;
+}
+
+template <typename M, int N>
+__device__ __forceinline__ void load_or_zero(const M* row, int e, float (&out)[N]) {
+  if (row == nullptr) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = 0.f;
+  } else {
+    load_vec<M, N>(row + e, out);
+  }
+}
+
+template <typename T, int MOD>
+struct StagedRow {
+  const ModElem<T, MOD>* shift;
+  const ModElem<T, MOD>* tshift;
+  const ModElem<T, MOD>* scale;
+  const ModElem<T, MOD>* tscale;
+  T* y;
+  T* ty;
+};
+
+// y and y' of one staged vector at channel e (the affine and modulation inputs read in 4-channel chunks).
+template <typename T, int NORM, int AFFINE, int MOD, int VEC>
+__device__ __forceinline__ void write_staged_vector(const NormJvpParams& p, const StagedRow<T, MOD>& r, int e,
+                                                    const Raw<T, VEC>& x_raw, const Raw<T, VEC>& tx_raw,
+                                                    const RowStats& st) {
+  using M = ModElem<T, MOD>;
+  constexpr int kChunk = 4;
+  const T* xs = reinterpret_cast<const T*>(&x_raw);
+  const T* ts = reinterpret_cast<const T*>(&tx_raw);
+  Raw<T, VEC> y_raw, ty_raw;
+  T* ys = reinterpret_cast<T*>(&y_raw);
+  T* tys = reinterpret_cast<T*>(&ty_raw);
+#pragma unroll
+  for (int c0 = 0; c0 < VEC; c0 += kChunk) {
+    float w[kChunk], bias[kChunk], shift[kChunk], tshift[kChunk], scale[kChunk], tscale[kChunk];
+    if constexpr ((AFFINE & kAffineWeight) != 0) load_vec<float, kChunk>(p.weight + e + c0, w);
+    if constexpr ((AFFINE & kAffineBias) != 0) load_vec<float, kChunk>(p.bias + e + c0, bias);
+    if constexpr (MOD != kModNone) {
+      load_or_zero<M, kChunk>(r.shift, e + c0, shift);
+      load_or_zero<M, kChunk>(r.tshift, e + c0, tshift);
+      load_or_zero<M, kChunk>(r.scale, e + c0, scale);
+      load_or_zero<M, kChunk>(r.tscale, e + c0, tscale);
+    }
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) {
+      const float xj = to_float(xs[c0 + j]), tj = to_float(ts[c0 + j]);
+      float n, nt;
+      if constexpr (NORM == static_cast<int>(NormKind::kLayer)) {
+        n = (xj - st.mean) * st.rstd;
+        nt = st.rstd * (tj - st.tx_mean - n * st.ntx_mean);
+      } else {
+        n = xj * st.rstd;
+        nt = st.rstd * (tj - n * st.ntx_mean);
+      }
+      float a = n, at = nt;
+      if constexpr ((AFFINE & kAffineWeight) != 0) {
+        a *= w[j];
+        at *= w[j];
+      }
+      if constexpr ((AFFINE & kAffineBias) != 0) a += bias[j];
+      if constexpr (MOD != kModNone) {
+        const float gain = 1.f + scale[j];
+        ys[c0 + j] = from_float<T>(a * gain + shift[j]);
+        tys[c0 + j] = from_float<T>(at * gain + a * tscale[j] + tshift[j]);
+      } else {
+        ys[c0 + j] = from_float<T>(a);
+        tys[c0 + j] = from_float<T>(at);
+      }
+    }
+  }
+  *reinterpret_cast<Raw<T, VEC>*>(r.y + e) = y_raw;
+  *reinterpret_cast<Raw<T, VEC>*>(r.ty + e) = ty_raw;
+}
+
+template <typename T, int NORM, int AFFINE, int MOD>
 __global__ void __launch_bounds__(kStagedThreads, kStagedMinBlocks) norm_jvp_smem_kernel(const NormJvpParams p) {
   constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  static_assert(NORM != static_cast<int>(NormKind::kNone), "modulation alone runs modulate_jvp_kernel");
   extern __shared__ __align__(16) unsigned char staged[];
   __shared__ float scratch_first[kMaxWarps * 2];
   __shared__ float scratch_second[kMaxWarps * 2];
 
   const int64_t row = blockIdx.x;
   const int64_t b = row / p.length;
-  const int64_t l = row % p.length;
-  const int64_t C = p.channels;
-  const int vectors = static_cast<int>(C / VEC);
+  const int64_t l = row - b * p.length;
+  const int C = static_cast<int>(p.channels);
+  const int vectors = C / VEC;
   const int threads = blockDim.x;
   const bool has_tx = p.tx.data != nullptr;
-  const bool mod_f32 = p.mod_type == ElemType::kFloat32;
   T* x_s = reinterpret_cast<T*>(staged);
   T* tx_s = x_s + C;  // present only with a tangent (the launch sizes the buffer accordingly)
 
-  const T* x_row = static_cast<const T*>(p.x.data) + b * p.x.stride_b + l * p.x.stride_l;
+  const T* x_row = operand_row<T>(p.x, b, l);
   for (int v = threadIdx.x; v < vectors; v += threads) copy16_async(x_s + v * VEC, x_row + v * VEC);
   if (has_tx) {
-    const T* tx_row = static_cast<const T*>(p.tx.data) + b * p.tx.stride_b + l * p.tx.stride_l;
+    const T* tx_row = operand_row<T>(p.tx, b, l);
     for (int v = threadIdx.x; v < vectors; v += threads) copy16_async(tx_s + v * VEC, tx_row + v * VEC);
   }
+  using M = ModElem<T, MOD>;
+  StagedRow<T, MOD> r;
+  r.shift = operand_row<M>(p.shift, b, l);
+  r.tshift = operand_row<M>(p.tshift, b, l);
+  r.scale = operand_row<M>(p.scale, b, l);
+  r.tscale = operand_row<M>(p.tscale, b, l);
+  r.y = static_cast<T*>(p.y) + row * C;
+  r.ty = static_cast<T*>(p.ty) + row * C;
   wait_async_copies();
   __syncthreads();
 
@@ -425,7 +523,6 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedMinBlocks) norm_jvp_sme
   const Vec zero = raw_zero<T, VEC>();
   const float inv_c = 1.f / static_cast<float>(C);
   RowStats st;
-  static_assert(NORM != static_cast<int>(NormKind::kNone), "modulation alone runs modulate_jvp_kernel");
   float sums[2] = {0.f, 0.f};
   for (int v = threadIdx.x; v < vectors; v += threads) {
     const Vec xr = *reinterpret_cast<const Vec*>(x_s + v * VEC);
@@ -458,7 +555,7 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedMinBlocks) norm_jvp_sme
   for (int v = threadIdx.x; v < vectors; v += threads) {
     const Vec xr = *reinterpret_cast<const Vec*>(x_s + v * VEC);
     const Vec tr = has_tx ? *reinterpret_cast<const Vec*>(tx_s + v * VEC) : zero;
-    write_outputs<T, NORM, VEC>(p, mod_f32, b, l, row, static_cast<int64_t>(v) * VEC, xr, tr, st);
+    write_staged_vector<T, NORM, AFFINE, MOD, VEC>(p, r, v * VEC, xr, tr, st);
   }
 }
 
@@ -554,12 +651,40 @@ int64_t staged_bytes(const NormJvpParams& p) {
   return (p.tx.data != nullptr ? 2 : 1) * p.channels * elem_size(p.x_type);
 }
 
-// 16-bit rows of more than 128 aligned vectors go through the shared-memory-staged kernel, unless the environment
-// sets FACM_EXT_NORMS_ROW_STAGING=registers (A/B comparisons; the register kernel then takes every row).
+// Rows of more than 128 aligned vectors that fit the staging buffer go through the shared-memory-staged kernel,
+// unless the environment sets FACM_EXT_NORMS_ROW_STAGING=registers (A/B comparisons; the register kernel then takes
+// every row).
 bool use_staged_rows(const NormJvpParams& p, bool vectorized, int64_t vectors) {
-  if (!vectorized || elem_size(p.x_type) != 2 || vectors <= 128 || staged_bytes(p) > kMaxStagedBytes) return false;
+  if (!vectorized || vectors <= 128 || staged_bytes(p) > kMaxStagedBytes) return false;
   const char* choice = std::getenv("FACM_EXT_NORMS_ROW_STAGING");
   return choice == nullptr || std::strcmp(choice, "registers") != 0;
+}
+
+template <typename T, int NORM, int AFFINE>
+cudaError_t launch_staged_mod(const NormJvpParams& p, const dim3 grid, const dim3 block, size_t smem,
+                              cudaStream_t stream) {
+  const bool any_mod = p.shift.data != nullptr || p.tshift.data != nullptr || p.scale.data != nullptr ||
+                       p.tscale.data != nullptr;
+  if (!any_mod) {
+    norm_jvp_smem_kernel<T, NORM, AFFINE, kModNone><<<grid, block, smem, stream>>>(p);
+  } else if (p.mod_type == ElemType::kFloat32) {
+    norm_jvp_smem_kernel<T, NORM, AFFINE, kModF32><<<grid, block, smem, stream>>>(p);
+  } else {
+    norm_jvp_smem_kernel<T, NORM, AFFINE, kModSame><<<grid, block, smem, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, int NORM>
+cudaError_t launch_staged_affine(const NormJvpParams& p, const dim3 grid, const dim3 block, size_t smem,
+                                 cudaStream_t stream) {
+  const int affine = (p.weight != nullptr ? kAffineWeight : 0) | (p.bias != nullptr ? kAffineBias : 0);
+  switch (affine) {
+    case 0: return launch_staged_mod<T, NORM, 0>(p, grid, block, smem, stream);
+    case kAffineWeight: return launch_staged_mod<T, NORM, kAffineWeight>(p, grid, block, smem, stream);
+    case kAffineBias: return launch_staged_mod<T, NORM, kAffineBias>(p, grid, block, smem, stream);
+    default: return launch_staged_mod<T, NORM, kAffineWeight | kAffineBias>(p, grid, block, smem, stream);
+  }
 }
 
 template <typename T>
@@ -567,14 +692,11 @@ cudaError_t launch_staged(const NormJvpParams& p, int threads, size_t smem, cuda
   const dim3 grid(static_cast<unsigned>(p.batch * p.length)), block(static_cast<unsigned>(threads));
   switch (p.norm) {
     case NormKind::kLayer:
-      norm_jvp_smem_kernel<T, static_cast<int>(NormKind::kLayer)><<<grid, block, smem, stream>>>(p);
-      break;
+      return launch_staged_affine<T, static_cast<int>(NormKind::kLayer)>(p, grid, block, smem, stream);
     case NormKind::kRms:
-      norm_jvp_smem_kernel<T, static_cast<int>(NormKind::kRms)><<<grid, block, smem, stream>>>(p);
-      break;
+      return launch_staged_affine<T, static_cast<int>(NormKind::kRms)>(p, grid, block, smem, stream);
     default: return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
 }
 
 bool broadcast_over_tokens(const Operand3d& op) { return op.data == nullptr || op.stride_l == 0; }
@@ -662,7 +784,7 @@ cudaError_t launch_norm_jvp(const NormJvpParams& p, cudaStream_t stream) {
     switch (p.x_type) {
       case ElemType::kFloat16: return launch_staged<__half>(p, threads, smem, stream);
       case ElemType::kBFloat16: return launch_staged<__nv_bfloat16>(p, threads, smem, stream);
-      case ElemType::kFloat32: break;
+      case ElemType::kFloat32: return launch_staged<float>(p, threads, smem, stream);
     }
     return cudaErrorInvalidValue;
   }

@@ -77,6 +77,37 @@ __device__ __forceinline__ int64_t out_offset(const Coord<Idx>& k, int64_t chann
   return static_cast<int64_t>(k.row) * channels + static_cast<int64_t>(k.c);
 }
 
+// Offsets of grid-stride step v into the input operands and the contiguous outputs. kDense: every operand is laid
+// out like the outputs (stride_t = C, stride_b = T C), so the offset is v E and no row/batch division runs; the
+// divisions and 64-bit strided products of the general form cost issue slots a memory-bound kernel at 16-bit
+// widths cannot spare.
+template <bool kDense, int E, typename Idx>
+struct Site {
+  Coord<Idx> k;
+  int64_t out;
+};
+
+template <bool kDense, int E, typename Idx>
+__device__ __forceinline__ Site<kDense, E, Idx> site_of(Idx v, Idx vecs_per_row, Idx tokens, int64_t channels) {
+  Site<kDense, E, Idx> s;
+  if constexpr (kDense) {
+    s.out = static_cast<int64_t>(v) * E;
+  } else {
+    s.k = coord_of<E>(v, vecs_per_row, tokens);
+    s.out = out_offset(s.k, channels);
+  }
+  return s;
+}
+
+template <typename T, bool kDense, int E, typename Idx>
+__device__ __forceinline__ const T* at(const Operand& op, const Site<kDense, E, Idx>& s) {
+  if constexpr (kDense) {
+    return static_cast<const T*>(op.ptr) + s.out;
+  } else {
+    return at<T>(op, s.k);
+  }
+}
+
 // gelu(x) and gelu'(x). Tanh form: one exponential serves primal and tangent. With e = exp(-2|u|) in (0, 1]:
 // 0.5 (1 + tanh u) = 1/(1+e) (u >= 0) or e/(1+e) (u < 0), and 1 - tanh^2 u = 4e/(1+e)^2, both free of the
 // cancellation that 1 - tanh^2 suffers where |tanh u| -> 1 (there an SFU tanh.approx, ~2^-11 relative error,
@@ -111,7 +142,7 @@ __device__ __forceinline__ void silu_and_derivative(float x, float& y, float& dy
   dy = s * (1.0f + x * (1.0f - s));
 }
 
-template <typename T, int E, bool kAligned, typename Idx, bool kTangent, bool kTanh>
+template <typename T, int E, bool kAligned, typename Idx, bool kDense, bool kTangent, bool kTanh>
 __global__ void __launch_bounds__(kThreads)
     gelu_jvp_kernel(Shape3 shape, Operand x, Operand tx, T* __restrict__ out, T* __restrict__ tout) {
   const Idx vecs_per_row = static_cast<Idx>(shape.channels / E);
@@ -119,23 +150,22 @@ __global__ void __launch_bounds__(kThreads)
   const Idx total = static_cast<Idx>(shape.batches) * tokens * vecs_per_row;
   for (Idx v = static_cast<Idx>(blockIdx.x) * kThreads + threadIdx.x; v < total;
        v += static_cast<Idx>(gridDim.x) * kThreads) {
-    const Coord<Idx> k = coord_of<E>(v, vecs_per_row, tokens);
+    const auto site = site_of<kDense, E>(v, vecs_per_row, tokens, shape.channels);
     float xv[E], yv[E], tv[E];
-    load<E, kAligned>(at<T>(x, k), xv);
-    if constexpr (kTangent) load<E, kAligned>(at<T>(tx, k), tv);
+    load<E, kAligned>(at<T>(x, site), xv);
+    if constexpr (kTangent) load<E, kAligned>(at<T>(tx, site), tv);
 #pragma unroll
     for (int i = 0; i < E; ++i) {
       float dy;
       gelu_and_derivative<kTanh>(xv[i], yv[i], dy);
       tv[i] = kTangent ? dy * tv[i] : 0.0f;
     }
-    const int64_t o = out_offset(k, shape.channels);
-    store<E, kAligned>(out + o, yv);
-    store<E, kAligned>(tout + o, tv);
+    store<E, kAligned>(out + site.out, yv);
+    store<E, kAligned>(tout + site.out, tv);
   }
 }
 
-template <typename T, int E, bool kAligned, typename Idx, bool kTangent>
+template <typename T, int E, bool kAligned, typename Idx, bool kDense, bool kTangent>
 __global__ void __launch_bounds__(kThreads)
     silu_jvp_kernel(Shape3 shape, Operand x, Operand tx, T* __restrict__ out, T* __restrict__ tout) {
   const Idx vecs_per_row = static_cast<Idx>(shape.channels / E);
@@ -143,19 +173,18 @@ __global__ void __launch_bounds__(kThreads)
   const Idx total = static_cast<Idx>(shape.batches) * tokens * vecs_per_row;
   for (Idx v = static_cast<Idx>(blockIdx.x) * kThreads + threadIdx.x; v < total;
        v += static_cast<Idx>(gridDim.x) * kThreads) {
-    const Coord<Idx> k = coord_of<E>(v, vecs_per_row, tokens);
+    const auto site = site_of<kDense, E>(v, vecs_per_row, tokens, shape.channels);
     float xv[E], yv[E], tv[E];
-    load<E, kAligned>(at<T>(x, k), xv);
-    if constexpr (kTangent) load<E, kAligned>(at<T>(tx, k), tv);
+    load<E, kAligned>(at<T>(x, site), xv);
+    if constexpr (kTangent) load<E, kAligned>(at<T>(tx, site), tv);
 #pragma unroll
     for (int i = 0; i < E; ++i) {
       float dy, s;
       silu_and_derivative(xv[i], yv[i], dy, s);
       tv[i] = kTangent ? dy * tv[i] : 0.0f;
     }
-    const int64_t o = out_offset(k, shape.channels);
-    store<E, kAligned>(out + o, yv);
-    store<E, kAligned>(tout + o, tv);
+    store<E, kAligned>(out + site.out, yv);
+    store<E, kAligned>(tout + site.out, tv);
   }
 }
 
@@ -276,6 +305,16 @@ void with_layout(bool aligned, bool wide_index, F&& f) {
   }
 }
 
+// Every present operand laid out like the contiguous outputs (see Site).
+bool dense_like_output(const Shape3& shape, std::initializer_list<Operand> operands) {
+  for (const Operand& op : operands) {
+    if (op.ptr == nullptr) continue;
+    if (shape.tokens > 1 && op.stride_t != shape.channels) return false;
+    if (shape.batches > 1 && op.stride_b != shape.tokens * shape.channels) return false;
+  }
+  return true;
+}
+
 int64_t work_items(const Shape3& shape, int width) { return shape.batches * shape.tokens * (shape.channels / width); }
 
 }  // namespace
@@ -290,11 +329,13 @@ cudaError_t launch_gelu_jvp(Shape3 shape, Operand x, Operand tx, void* out, void
     with_layout<kWidth>(aligned, needs_64bit_index(shape), [&](auto width, auto aligned_tag, auto idx_tag) {
       constexpr int E = decltype(width)::value;
       using Idx = typename decltype(idx_tag)::type;
-      with_bool(tx.ptr != nullptr, [&](auto tangent) {
-        with_bool(tanh_form, [&](auto tanh_tag) {
-          err = launch(gelu_jvp_kernel<T, E, decltype(aligned_tag)::value, Idx, decltype(tangent)::value,
-                                       decltype(tanh_tag)::value>,
-                       work_items(shape, E), stream, shape, x, tx, static_cast<T*>(out), static_cast<T*>(tout));
+      with_bool(dense_like_output(shape, {x, tx}), [&](auto dense) {
+        with_bool(tx.ptr != nullptr, [&](auto tangent) {
+          with_bool(tanh_form, [&](auto tanh_tag) {
+            err = launch(gelu_jvp_kernel<T, E, decltype(aligned_tag)::value, Idx, decltype(dense)::value,
+                                         decltype(tangent)::value, decltype(tanh_tag)::value>,
+                         work_items(shape, E), stream, shape, x, tx, static_cast<T*>(out), static_cast<T*>(tout));
+          });
         });
       });
     });
@@ -311,9 +352,12 @@ cudaError_t launch_silu_jvp(Shape3 shape, Operand x, Operand tx, void* out, void
     with_layout<kWidth>(aligned, needs_64bit_index(shape), [&](auto width, auto aligned_tag, auto idx_tag) {
       constexpr int E = decltype(width)::value;
       using Idx = typename decltype(idx_tag)::type;
-      with_bool(tx.ptr != nullptr, [&](auto tangent) {
-        err = launch(silu_jvp_kernel<T, E, decltype(aligned_tag)::value, Idx, decltype(tangent)::value>,
-                     work_items(shape, E), stream, shape, x, tx, static_cast<T*>(out), static_cast<T*>(tout));
+      with_bool(dense_like_output(shape, {x, tx}), [&](auto dense) {
+        with_bool(tx.ptr != nullptr, [&](auto tangent) {
+          err = launch(silu_jvp_kernel<T, E, decltype(aligned_tag)::value, Idx, decltype(dense)::value,
+                                       decltype(tangent)::value>,
+                       work_items(shape, E), stream, shape, x, tx, static_cast<T*>(out), static_cast<T*>(tout));
+        });
       });
     });
   });
