@@ -221,7 +221,9 @@ __global__ void __launch_bounds__(kThreads)
 
 // Which tangents are present is a runtime (grid-uniform, so divergence-free) flag here: 9 dtype combinations x 8
 // tangent subsets as template flags would multiply the instantiations for no measurable gain.
-template <typename TX, typename TG, typename TY, int E, bool kAligned, typename Idx>
+// kDense: x, x', y and y' laid out like the outputs (Site); the gate keeps its own strides ([B, C] broadcast or a
+// per-token slice).
+template <typename TX, typename TG, typename TY, int E, bool kAligned, typename Idx, bool kDense>
 __global__ void __launch_bounds__(kThreads)
     gated_residual_jvp_kernel(Shape3 shape, Operand x, Operand tx, Operand gate, Operand tgate, Operand y,
                               Operand ty, TX* __restrict__ out, TX* __restrict__ tout) {
@@ -232,14 +234,15 @@ __global__ void __launch_bounds__(kThreads)
   for (Idx v = static_cast<Idx>(blockIdx.x) * kThreads + threadIdx.x; v < total;
        v += static_cast<Idx>(gridDim.x) * kThreads) {
     const Coord<Idx> k = coord_of<E>(v, vecs_per_row, tokens);
+    const auto site = site_of<kDense, E>(v, vecs_per_row, tokens, shape.channels);
     float xv[E], gv[E], yv[E], tmp[E], th[E];
-    load<E, kAligned>(at<TX>(x, k), xv);
+    load<E, kAligned>(at<TX>(x, site), xv);
     load<E, kAligned>(at<TG>(gate, k), gv);
-    load<E, kAligned>(at<TY>(y, k), yv);
+    load<E, kAligned>(at<TY>(y, site), yv);
 #pragma unroll
     for (int i = 0; i < E; ++i) th[i] = 0.0f;
     if (has_tx) {
-      load<E, kAligned>(at<TX>(tx, k), tmp);
+      load<E, kAligned>(at<TX>(tx, site), tmp);
 #pragma unroll
       for (int i = 0; i < E; ++i) th[i] += tmp[i];
     }
@@ -249,15 +252,14 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < E; ++i) th[i] += tmp[i] * yv[i];
     }
     if (has_ty) {
-      load<E, kAligned>(at<TY>(ty, k), tmp);
+      load<E, kAligned>(at<TY>(ty, site), tmp);
 #pragma unroll
       for (int i = 0; i < E; ++i) th[i] += gv[i] * tmp[i];
     }
 #pragma unroll
     for (int i = 0; i < E; ++i) xv[i] += gv[i] * yv[i];
-    const int64_t o = out_offset(k, shape.channels);
-    store<E, kAligned>(out + o, xv);
-    store<E, kAligned>(tout + o, th);
+    store<E, kAligned>(out + site.out, xv);
+    store<E, kAligned>(tout + site.out, th);
   }
 }
 
@@ -403,8 +405,11 @@ cudaError_t launch_gated_typed(Shape3 shape, Operand x, Operand tx, Operand gate
   with_layout<kWidth>(aligned, needs_64bit_index(shape), [&](auto width, auto aligned_tag, auto idx_tag) {
     constexpr int E = decltype(width)::value;
     using Idx = typename decltype(idx_tag)::type;
-    err = launch(gated_residual_jvp_kernel<TX, TG, TY, E, decltype(aligned_tag)::value, Idx>, work_items(shape, E),
-                 stream, shape, x, tx, gate, tgate, y, ty, static_cast<TX*>(out), static_cast<TX*>(tout));
+    with_bool(dense_like_output(shape, {x, tx, y, ty}), [&](auto dense) {
+      err = launch(gated_residual_jvp_kernel<TX, TG, TY, E, decltype(aligned_tag)::value, Idx, decltype(dense)::value>,
+                   work_items(shape, E), stream, shape, x, tx, gate, tgate, y, ty, static_cast<TX*>(out),
+                   static_cast<TX*>(tout));
+    });
   });
   return err;
 }
