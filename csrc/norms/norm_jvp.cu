@@ -1,9 +1,10 @@
-// One templated kernel family for norm (none / layer / rms) x modulation (none / [B, C] / per-token strided) x
-// tangent presence. Rows live in registers: each row is handled by a group of `tpr` threads (4..32 lanes of one
-// warp for short rows such as qk-norm's 72 channels, or a whole block of up to 512 threads for 1152 / 5120
-// channels), each thread holding ITEMS vectors of VEC elements of x and x'. One read of every input, one write
-// of every output. Reductions are in fp32 with a fixed order (deterministic). Modulation without a norm runs an
-// elementwise kernel instead (modulate_jvp_kernel).
+// The norm (layer / rms) x modulation (none / [B, C] / per-token strided) x tangent-presence JVP kernels. Rows of
+// more than 128 16-byte vectors that fit 46 KB (LightningDiT's 1152 and Wan's 5120 channels) are staged in shared
+// memory, one block per row (norm_jvp_smem_kernel). Other rows live in registers (norm_jvp_kernel): a group of
+// `tpr` threads per row (4..32 lanes of one warp for short rows such as qk-norm's 72 channels, or a whole block of
+// up to 512 threads), each thread holding ITEMS vectors of VEC elements of x and x'. One read of every input, one
+// write of every output. Reductions are in fp32 with a fixed order (deterministic). Modulation without a norm runs
+// an elementwise kernel instead (modulate_jvp_kernel).
 #include "norm_jvp.h"
 
 #include "pointwise/vec_io.cuh"
@@ -580,10 +581,10 @@ struct LaunchShape {
 
 // Short rows (<= 128 vectors): 4..32 lanes per row, 128-thread blocks holding several rows. Longer rows: one block
 // per row, as many threads as vectors up to 512, then 2, 4 (.. 16 scalar) vectors per thread.
-// Measured on one H200 (torch 2.11): Wan rows (C = 5120) reach 94% of copy bandwidth with fp32 x and fp32
-// per-token modulation, 87% with bf16 x and fp32 modulation, but only 54-65% with bf16 x and bf16 / no
-// modulation: at ~85 registers per thread two 320-thread blocks fit an SM, i.e. two rows (40 KB) in flight.
-// Staging rows in shared memory (cp.async) instead of registers is the known next step for 16-bit rows.
+// Long rows take this register-resident path only when they do not fit the staging buffer (or with
+// FACM_EXT_NORMS_ROW_STAGING=registers). Measured on one H200 (torch 2.11) at Wan rows (C = 5120): 52-94% of copy
+// bandwidth here (at ~85 registers per thread two 320-thread blocks fit an SM, i.e. two rows in flight), 89-103%
+// for the staged kernel (benchmarks/RESULTS.md, fourth session).
 LaunchShape choose_shape(int64_t rows, int64_t vectors, int max_items) {
   LaunchShape s;
   if (vectors <= 128) {
