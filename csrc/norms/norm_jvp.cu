@@ -179,6 +179,19 @@ __device__ __forceinline__ void add_centered_sums(const Raw<T, VEC>& x_raw, cons
   }
 }
 
+// n and n' of one channel from the row statistics (the formulas of norm_jvp.h).
+template <int NORM>
+__device__ __forceinline__ void normalize(float x, float tx, const RowStats& st, float& n, float& nt) {
+  static_assert(NORM != static_cast<int>(NormKind::kNone), "modulation alone runs modulate_jvp_kernel");
+  if constexpr (NORM == static_cast<int>(NormKind::kLayer)) {
+    n = (x - st.mean) * st.rstd;
+    nt = st.rstd * (tx - st.tx_mean - n * st.ntx_mean);
+  } else {
+    n = x * st.rstd;
+    nt = st.rstd * (tx - n * st.ntx_mean);
+  }
+}
+
 // y and y' of one vector of VEC channels starting at channel e of row (b, l) = row index `row`.
 template <typename T, int NORM, int VEC>
 __device__ __forceinline__ void write_outputs(const NormJvpParams& p, bool mod_f32, int64_t b, int64_t l,
@@ -216,14 +229,7 @@ __device__ __forceinline__ void write_outputs(const NormJvpParams& p, bool mod_f
     for (int j = 0; j < kChunk; ++j) {
       const float xj = to_float(xs[c0 + j]), tj = to_float(ts[c0 + j]);
       float n, nt;
-      if constexpr (NORM == static_cast<int>(NormKind::kLayer)) {
-        n = (xj - st.mean) * st.rstd;
-        nt = st.rstd * (tj - st.tx_mean - n * st.ntx_mean);
-      } else {
-        static_assert(NORM == static_cast<int>(NormKind::kRms), "modulation alone runs modulate_jvp_kernel");
-        n = xj * st.rstd;
-        nt = st.rstd * (tj - n * st.ntx_mean);
-      }
+      normalize<NORM>(xj, tj, st, n, nt);
       const float a = n * w[j] + bias[j];
       const float at = nt * w[j];
       const float gain = 1.f + scale[j];
@@ -458,13 +464,7 @@ __device__ __forceinline__ void write_staged_vector(const NormJvpParams& p, cons
     for (int j = 0; j < kChunk; ++j) {
       const float xj = to_float(xs[c0 + j]), tj = to_float(ts[c0 + j]);
       float n, nt;
-      if constexpr (NORM == static_cast<int>(NormKind::kLayer)) {
-        n = (xj - st.mean) * st.rstd;
-        nt = st.rstd * (tj - st.tx_mean - n * st.ntx_mean);
-      } else {
-        n = xj * st.rstd;
-        nt = st.rstd * (tj - n * st.ntx_mean);
-      }
+      normalize<NORM>(xj, tj, st, n, nt);
       float a = n, at = nt;
       if constexpr ((AFFINE & kAffineWeight) != 0) {
         a *= w[j];
