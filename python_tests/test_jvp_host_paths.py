@@ -1,7 +1,7 @@
 """The transform's host-cost shortcuts (benchmarks/profile_host_cpu.py) against the paths they shortcut and against
 torch.func.jvp (float64, CPU): the single-dual fallback of views and first-argument-linear ops, argument binding of
 the fused rules, the eager autograd.Function of the custom ops, the light autocast switch of the op bodies, the
-hook check of pattern modules and the validation helpers."""
+hook check of pattern modules, the once-per-call reads of the environment switches and the validation helpers."""
 
 from __future__ import annotations
 
@@ -236,6 +236,53 @@ def test_eager_function_saves_and_marks_like_the_registered_op():
     ref_grads = torch.autograd.grad(F.linear(x, w, b).square().sum(), (x, w, b))
     for g, r in zip(grads, ref_grads):
         assert_rel_close(g, r, F64, what="linear_jvp gradient")
+
+
+# --------------------------------------------------------------------------------------- environment switches
+def test_environment_switches_read_once_per_jvp_call_and_live_outside(monkeypatch):
+    from facm_ext import _env
+
+    seen = []
+
+    def func(x):
+        seen.append(_common._forced_backend())
+        monkeypatch.setenv("FACM_EXT_BACKEND", "triton")  # a change in the middle of a call: not seen by this call
+        seen.append(_common._forced_backend())
+        return x * 2
+
+    x = randn(3)
+    monkeypatch.setenv("FACM_EXT_BACKEND", "reference")
+    facm_ext.jvp(func, (x,), (torch.ones_like(x),))
+    assert seen == ["reference", "reference"]
+    assert _common._forced_backend() == "triton"  # outside a call: read live
+    monkeypatch.setenv("FACM_EXT_BACKEND", "cuda")
+    assert _common._forced_backend() == "cuda"
+    seen.clear()
+    monkeypatch.setenv("FACM_EXT_BACKEND", "reference")
+    facm_ext.jvp(func, (x,), (torch.ones_like(x),))  # the next call reads the environment again
+    assert seen == ["reference", "reference"]
+    monkeypatch.delenv("FACM_EXT_BACKEND")
+    with _env.snapshot():
+        assert _env.get("FACM_EXT_BACKEND", "x") == "x" and _env.get("FACM_EXT_BACKEND") is None
+        with _env.snapshot():  # nested: shares the outer snapshot
+            monkeypatch.setenv("FACM_EXT_BACKEND", "triton")
+            assert _env.get("FACM_EXT_BACKEND", "x") == "x"
+    assert _env.get("FACM_EXT_BACKEND") == "triton"
+
+
+def test_environment_snapshot_ends_on_exceptions(monkeypatch):
+    from facm_ext import _env
+
+    def func(x):
+        raise RuntimeError("boom")
+
+    x = randn(3)
+    with pytest.raises(RuntimeError, match="boom"):
+        facm_ext.jvp(func, (x,), (torch.ones_like(x),))
+    monkeypatch.setenv("FACM_EXT_BACKEND", "reference")
+    assert _env.get("FACM_EXT_BACKEND") == "reference"
+    monkeypatch.setenv("FACM_EXT_BACKEND", "triton")
+    assert _env.get("FACM_EXT_BACKEND") == "triton"
 
 
 # ------------------------------------------------------------------------------------------ autocast switch

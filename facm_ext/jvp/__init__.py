@@ -47,6 +47,8 @@ from typing import Any, Callable, Union
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from facm_ext import _env
+
 from ._dual import (
     STATE,
     DualTensor,
@@ -197,9 +199,11 @@ def jvp(func: Callable, primals: tuple, tangents: tuple, *, has_aux: bool = Fals
     if record is not None:
         STATE.report = record
     try:
-        duals = [make_dual(p, t) for p, t in zip(primal_leaves, tangent_leaves)]
-        args = tree_unflatten(duals, spec)
-        out = func(*args)
+        # The ops' environment switches are read once for the whole call (facm_ext/_env.py).
+        with _env.snapshot():
+            duals = [make_dual(p, t) for p, t in zip(primal_leaves, tangent_leaves)]
+            args = tree_unflatten(duals, spec)
+            out = func(*args)
     finally:
         STATE.depth -= 1
         STATE.report = previous_report

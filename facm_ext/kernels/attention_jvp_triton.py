@@ -24,11 +24,11 @@ are correct; the interpreter computes it correctly, so it is a Triton code-gener
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from facm_ext import _env
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -39,7 +39,7 @@ MAX_HEAD_DIM = 128
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, set before triton is imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _env.get("TRITON_INTERPRET", "0") == "1"
 
 
 def head_split_mode() -> bool:
@@ -47,7 +47,7 @@ def head_split_mode() -> bool:
     pads every head dim that is not a power of two to the next one. Measured on an H200 (Triton 3.6), the exact
     splits of 80 and 96 agreed with the float64 JVP in bf16 for (q', k', v'), v' only and k' only; the full GPU
     test suite ran with padding."""
-    value = os.environ.get("FACM_EXT_ATTN_HEAD_SPLIT", "0").strip()
+    value = _env.get("FACM_EXT_ATTN_HEAD_SPLIT", "0").strip()
     if value not in ("0", "1"):
         raise ValueError(f"FACM_EXT_ATTN_HEAD_SPLIT: expected 0 or 1, got {value!r}")
     return value == "1"
@@ -78,8 +78,8 @@ def head_dim_supported(head_dim: int) -> bool:
 def _autotune_enabled() -> bool:
     """Autotuning is on by default on the GPU; FACM_EXT_ATTN_AUTOTUNE=0 (or FACM_EXT_ATTN_FWD_CONFIG) fixes one
     configuration per head width."""
-    return (not interpreting() and os.environ.get("FACM_EXT_ATTN_AUTOTUNE", "1") != "0"
-            and not os.environ.get("FACM_EXT_ATTN_FWD_CONFIG"))
+    return (not interpreting() and _env.get("FACM_EXT_ATTN_AUTOTUNE", "1") != "0"
+            and not _env.get("FACM_EXT_ATTN_FWD_CONFIG"))
 
 
 # ------------------------------------------------------------------------------------------------------ forward JVP
@@ -292,7 +292,7 @@ _attention_jvp_fwd_autotuned = triton.autotune(
 
 def _default_fwd_config(width: int) -> dict:
     """The configuration used without autotuning; FACM_EXT_ATTN_FWD_CONFIG="BLOCK_M,BLOCK_N,warps,stages" overrides."""
-    override = os.environ.get("FACM_EXT_ATTN_FWD_CONFIG", "").strip()
+    override = _env.get("FACM_EXT_ATTN_FWD_CONFIG", "").strip()
     if override:
         try:
             block_m, block_n, warps, stages = (int(x) for x in override.split(","))
@@ -310,7 +310,7 @@ def _default_fwd_config(width: int) -> dict:
 def _align_hints(*tensors) -> bool:
     """FACM_EXT_ATTN_ALIGN_HINTS=1 (opt-in: not yet run on a GPU) and every tensor 16-byte aligned with batch, head
     and row strides that are multiples of 8 elements: the kernel may then load 72-wide rows as 16-byte vectors."""
-    if os.environ.get("FACM_EXT_ATTN_ALIGN_HINTS", "0") != "1":
+    if _env.get("FACM_EXT_ATTN_ALIGN_HINTS", "0") != "1":
         return False
     live = [t for t in tensors if t is not None]
     return all(t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:3]) for t in live)

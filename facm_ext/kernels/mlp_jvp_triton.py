@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from facm_ext import _env
+
 ACTIVATIONS = {"none": 0, "gelu_tanh": 1, "swiglu": 2}
 
 def _configs(four_accumulators: bool, pre_hook=None) -> list:
@@ -293,7 +295,7 @@ def loader() -> str:
     Measured on one H200 (torch 2.11, Triton 3.6, bf16): TMA loads made the dual GEMM 1.10-1.23x faster than
     pointer loads (M=16384, 1152->6144: 0.80 vs 0.88 ms; M=32760, 5120->13824: 14.0 vs 17.2 ms; 13824->5120: 14.6
     vs 16.6 ms) and mlp_jvp 1.03-1.07x faster."""
-    value = os.environ.get("FACM_EXT_DUAL_GEMM", "tma").strip().lower() or "tma"
+    value = _env.get("FACM_EXT_DUAL_GEMM", "tma").strip().lower() or "tma"
     if value not in ("pointer", "tma"):
         raise ValueError(f"FACM_EXT_DUAL_GEMM: expected 'pointer' or 'tma', got {value!r}")
     return value
@@ -346,7 +348,7 @@ def dual_gemm(x: torch.Tensor, tx: torch.Tensor | None, weight: torch.Tensor, bi
     pre_arg = pre if pre is not None else out
     bias_arg = bias if bias is not None else out
     kernel = _dual_gemm_4acc if activation == "swiglu" else _dual_gemm_2acc
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interpreting = _env.get("TRITON_INTERPRET", "0") == "1"
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
@@ -437,7 +439,7 @@ def act_jvp(pre: torch.Tensor, tpre: torch.Tensor | None, activation: str):
         return out, tout
     tpre_arg = tpre if tpre is not None else pre
     tout_arg = tout if tout is not None else out
-    block_r, block_c = (8, 32) if os.environ.get("TRITON_INTERPRET", "0") == "1" else (16, 256)
+    block_r, block_c = (8, 32) if _env.get("TRITON_INTERPRET", "0") == "1" else (16, 256)
     grid = (triton.cdiv(M, block_r), triton.cdiv(hidden, block_c))
     with torch.cuda.device(pre.device) if pre.is_cuda else contextlib.nullcontext():
         _act_jvp_kernel[grid](pre, tpre_arg, out, tout_arg, M, hidden, pre.stride(0), tpre_arg.stride(0),

@@ -12,12 +12,11 @@ Conventions every op follows:
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Iterable, Sequence
 
 import torch
 
-from facm_ext import _extension
+from facm_ext import _env, _extension
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -116,7 +115,7 @@ def check_broadcastable(name: str, value: torch.Tensor, target_name: str, target
 # ---------------------------------------------------------------------------------------------------------- backends
 def _forced_backend() -> str | None:
     """FACM_EXT_BACKEND=reference|triton|cuda forces one backend where it applies (tests and benchmarks)."""
-    value = os.environ.get("FACM_EXT_BACKEND", "").strip().lower()
+    value = _env.get("FACM_EXT_BACKEND", "").strip().lower()
     return value or None
 
 
@@ -197,7 +196,7 @@ _EXACT_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def _eager_dispatch_forced() -> bool:
-    return os.environ.get("FACM_EXT_EAGER_DISPATCH", "").strip().lower() == "custom_op"
+    return _env.get("FACM_EXT_EAGER_DISPATCH", "").strip().lower() == "custom_op"
 
 
 class JVPCustomOp:

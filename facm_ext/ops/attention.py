@@ -20,12 +20,12 @@ with ``TRITON_INTERPRET=1`` the forced triton backend also runs CPU tensors, for
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from facm_ext import _env
 from facm_ext.ops import _common
 
 _FAST_DTYPES = (torch.float16, torch.bfloat16)
@@ -60,7 +60,7 @@ def _triton_head_dim_ok(head_dim: int) -> bool:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _env.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _forward_backend(q: Tensor) -> str:
@@ -77,7 +77,7 @@ def _forward_backend(q: Tensor) -> str:
 
 
 def _backward_backend(q: Tensor, has_key_lengths: bool) -> str:
-    forced = os.environ.get("FACM_EXT_ATTN_BACKWARD", "").strip().lower()
+    forced = _env.get("FACM_EXT_ATTN_BACKWARD", "").strip().lower()
     if forced:
         if forced not in ("flash", "cudnn", "triton", "reference"):
             raise ValueError(f"FACM_EXT_ATTN_BACKWARD: expected flash, cudnn, triton or reference, got {forced!r}")

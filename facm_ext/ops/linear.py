@@ -19,12 +19,12 @@ Gradients: only the primal output is differentiable (dx, dW, db); the tangent ou
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from facm_ext import _env
 from facm_ext.ops._common import (
     jvp_custom_op,
     OpInfo,
@@ -62,7 +62,7 @@ def use_dual_gemm(*tensors: Optional[torch.Tensor], by_default: bool) -> bool:
     if use_triton(*tensors, dtypes=TRITON_DTYPES):
         return True
     live = [t for t in tensors if t is not None]
-    return (os.environ.get("TRITON_INTERPRET", "0") == "1" and forced == "triton" and bool(live)
+    return (_env.get("TRITON_INTERPRET", "0") == "1" and forced == "triton" and bool(live)
             and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float16) for t in live))
 
 

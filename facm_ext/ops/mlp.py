@@ -19,12 +19,12 @@ activation backward kernels). The tangent output never carries a graph.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from facm_ext import _env
 from facm_ext.ops._common import (
     jvp_custom_op,
     OpInfo,
@@ -60,7 +60,7 @@ def up_mode() -> str:
     Measured on one H200 (bf16, no grad; benchmarks/test_bench_mlp.py): fused (TMA loads) 1.22 ms / 27.5 ms vs
     cublas 1.19 ms / 26.9 ms at the LightningDiT / Wan shapes, with extra peak memory 0.26 vs 0.56 GiB and
     2.3 vs 3.4 GiB. The fused path stays the default for its memory; the speed gap is within 3%."""
-    mode = os.environ.get("FACM_EXT_MLP_UP", "fused").strip().lower() or "fused"
+    mode = _env.get("FACM_EXT_MLP_UP", "fused").strip().lower() or "fused"
     if mode not in ("fused", "cublas"):
         raise ValueError(f"FACM_EXT_MLP_UP: expected 'fused' or 'cublas', got {mode!r}")
     return mode
