@@ -51,10 +51,20 @@ def build_info() -> dict:
     return {"extension": True, "cuda": fields.get("cuda") == "1", "archs": archs, "error": None}
 
 
+_present_kernels: set = set()
+
+
 def has_kernel(name: str) -> bool:
     """True when the compiled kernel op torch.ops.facm_ext.<name> exists (CUDA build loaded)."""
+    # Asked by every op call on CUDA tensors. A registered op stays registered, so a kernel found once is
+    # remembered; a missing one is looked up again (a library loaded later may still register it).
+    if name in _present_kernels:
+        return True
     if not load():
         return False
     import torch
 
-    return hasattr(torch.ops.facm_ext, name)
+    if hasattr(torch.ops.facm_ext, name):
+        _present_kernels.add(name)
+        return True
+    return False

@@ -232,20 +232,47 @@ def _kernel_eligible(x: Tensor, *others) -> bool:
     return x.shape[-1] <= KERNEL_MAX_CHANNELS and _common.use_cuda_kernel(KERNEL, x, *others)
 
 
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # t.to(dtype) returns t itself when the dtype already matches; the comparison skips the call's host time (this
+    # runs for up to seven operands per norm call, the common case being no cast at all).
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _fp32_vector(t: Optional[Tensor]) -> Optional[Tensor]:
+    """weight / bias as the kernel reads them: fp32, contiguous (itself when it is already)."""
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()
+
+
 def _forward_kernel(norm: int, x: Tensor, tx, weight, bias, shift, tshift, scale, tscale, eps: float):
     """The CUDA kernel on [B', L', C] views; same outputs as :func:`_forward_reference` (stats in fp32)."""
-    register_kernel_fake()
+    if not _kernel_fake_registered:
+        register_kernel_fake()
     x = _channels_contiguous(x)
-    shape3 = tuple(x.shape) if x.dim() == 3 else _rows_shape(x)
-    x3 = _view3(x, shape3)
-    tx3 = _view3(tx.to(x.dtype), shape3) if tx is not None else None
-    mods = [shift, tshift, scale, tscale]
-    present = [m for m in mods if m is not None]
-    mod_dtype = x.dtype if all(m.dtype == x.dtype for m in present) else torch.float32
-    mods3 = [None if m is None else _channels_contiguous(_tokenwise(m).to(mod_dtype)).expand(shape3) for m in mods]
-    w = weight.to(torch.float32).contiguous() if weight is not None else None
-    b = bias.to(torch.float32).contiguous() if bias is not None else None
-    y, ty, mean, rstd = torch.ops.facm_ext.norm_modulate_jvp_cuda(x3, tx3, w, b, *mods3, norm, eps)
+    if x.dim() == 3:
+        # Already [B', L', C]: x and its tangent go in as they are (a view of the same shape is the same operand),
+        # and the outputs come back in x's shape.
+        shape3 = tuple(x.shape)
+        x3 = x
+        tx3 = None if tx is None else _channels_contiguous(_cast(tx, x.dtype))
+    else:
+        shape3 = _rows_shape(x)
+        x3 = _view3(x, shape3)
+        tx3 = None if tx is None else _view3(_cast(tx, x.dtype), shape3)
+    if shift is None and tshift is None and scale is None and tscale is None:
+        mods3 = (None, None, None, None)
+    else:
+        mods = (shift, tshift, scale, tscale)
+        mod_dtype = x.dtype
+        if any(m is not None and m.dtype != x.dtype for m in mods):
+            mod_dtype = torch.float32
+        mods3 = [None if m is None else _channels_contiguous(_cast(_tokenwise(m), mod_dtype)).expand(shape3)
+                 for m in mods]
+    y, ty, mean, rstd = torch.ops.facm_ext.norm_modulate_jvp_cuda(x3, tx3, _fp32_vector(weight),
+                                                                   _fp32_vector(bias), *mods3, norm, eps)
+    if x3 is x:
+        return y, ty, mean, rstd
     return y.view(x.shape), ty.view(x.shape), mean, rstd
 
 
