@@ -19,7 +19,8 @@ from typing import Optional
 
 class _Snapshot(threading.local):
     def __init__(self):
-        # name -> the value read (None: unset), or None while no snapshot is active in this thread.
+        # name -> the value read (None: unset), and parse function -> its result (see per_snapshot); None while no
+        # snapshot is active in this thread.
         self.values: Optional[dict] = None
 
 
@@ -36,6 +37,26 @@ def get(name: str, default: Optional[str] = None) -> Optional[str]:
     except KeyError:
         value = values[name] = os.environ.get(name)
     return default if value is None else value
+
+
+def per_snapshot(parse):
+    """Decorator for a zero-argument function of the environment switches (a parse of :func:`get` values): while a
+    snapshot is active, its result is computed once; an exception it raises is not kept (the next call raises
+    again). The parse (strip, lower, compare) costs as much as the cached read itself, and runs once per op call."""
+
+    def cached():
+        values = _SNAPSHOT.values
+        if values is None:
+            return parse()
+        try:
+            return values[cached]
+        except KeyError:
+            result = values[cached] = parse()
+            return result
+
+    cached.__name__, cached.__qualname__, cached.__doc__ = parse.__name__, parse.__qualname__, parse.__doc__
+    cached.__wrapped__ = parse
+    return cached
 
 
 class snapshot:

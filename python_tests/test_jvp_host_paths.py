@@ -279,6 +279,7 @@ def test_environment_snapshot_ends_on_exceptions(monkeypatch):
     x = randn(3)
     with pytest.raises(RuntimeError, match="boom"):
         facm_ext.jvp(func, (x,), (torch.ones_like(x),))
+    assert _dual.STATE.subtrees is None
     monkeypatch.setenv("FACM_EXT_BACKEND", "reference")
     assert _env.get("FACM_EXT_BACKEND") == "reference"
     monkeypatch.setenv("FACM_EXT_BACKEND", "triton")
@@ -363,6 +364,38 @@ def test_swiglu_pattern_skipped_when_a_nested_module_has_a_hook():
     assert_rel_close(tout, tref, F64, what="tangent")
     out, tout, report = facm_ext.jvp(mlp, (x,), (tx,), report=True)
     assert any("MLP" in k for k in report.fused) or report.reasons, str(report)
+
+
+def test_hook_registered_in_the_middle_of_a_call_is_seen():
+    """The submodules of a pattern module are found once per call; its hooks are read on every one of its calls."""
+    calls = []
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = _Inner(8)
+
+        def forward(self, x):
+            y = self.mlp(x)
+            self.handles.append(self.mlp.fc2.register_forward_hook(lambda m, a, o: calls.append(1)))
+            return self.mlp(y)
+
+    model = Twice().double()
+    x, tx = randn(3, 8), randn(3, 8)
+    model.handles = []
+    facm_ext.jvp(model, (x,), (tx,))  # recognition first
+    for handle in model.handles:
+        handle.remove()
+    model.handles, calls[:] = [], []
+    out, tout, report = facm_ext.jvp(model, (x,), (tx,), report=True)
+    assert calls == [1], calls  # the second MLP call ran the module (its hook) instead of the fused pattern
+    assert sum(v for k, v in report.fused.items() if "MLP" in k) == 1, str(report)
+    assert _dual.STATE.subtrees is None
+    for handle in model.handles:
+        handle.remove()
+    ref, tref = torch.func.jvp(model, (x,), (tx,))
+    assert_rel_close(out, ref, F64, what="primal")
+    assert_rel_close(tout, tref, F64, what="tangent")
 
 
 # ------------------------------------------------------------------------------------------ validation helpers

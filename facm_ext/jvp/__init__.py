@@ -193,11 +193,13 @@ def jvp(func: Callable, primals: tuple, tangents: tuple, *, has_aux: bool = Fals
     _register_chain_handler_if_fsdp2()
     record = report if isinstance(report, JVPReport) else (JVPReport() if report else None)
 
-    previous_report = STATE.report
+    previous_report, previous_subtrees = STATE.report, STATE.subtrees
     install()
     STATE.depth += 1
     if record is not None:
         STATE.report = record
+    if previous_subtrees is None:
+        STATE.subtrees = {}
     try:
         # The ops' environment switches are read once for the whole call (facm_ext/_env.py).
         with _env.snapshot():
@@ -206,7 +208,7 @@ def jvp(func: Callable, primals: tuple, tangents: tuple, *, has_aux: bool = Fals
             out = func(*args)
     finally:
         STATE.depth -= 1
-        STATE.report = previous_report
+        STATE.report, STATE.subtrees = previous_report, previous_subtrees
         uninstall()
 
     aux = None

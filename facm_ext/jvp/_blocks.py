@@ -40,6 +40,10 @@ from ._dual import (
     wrap_op_result,
 )
 from ._rules import call_op, sdpa_pairs
+# A module import, not names: this module is imported by _modules' first pattern lookup, after _modules itself has
+# run; the names are read at call time (once per projection and norm of a block: a function-level import there
+# cost 0.7 us per call).
+from . import _modules
 
 
 def _norm_spec(norm: nn.Module, channels: int):
@@ -461,11 +465,10 @@ def _module_pair(module, pair, *extra, check_hooks: bool = False):
     the module's rule on the pair where the per-op path would send the call to that rule, else the module called
     on the value (the per-op path itself). check_hooks: the module is not in the subtree whose hooks the caller
     checked."""
-    from ._modules import _HANDLERS, _has_hooks, _pattern_for, _user_rule
-
+    handlers = _modules._HANDLERS
     if isinstance(module, nn.Module) and not (
-            any(predicate(module) for predicate, _ in _HANDLERS) or _user_rule(type(module)) is not None
-            or (check_hooks and _has_hooks(module))):
+            (handlers and any(predicate(module) for predicate, _ in handlers))
+            or _modules._user_rule(type(module)) is not None or (check_hooks and _modules._has_hooks(module))):
         if type(module) is nn.Identity and not extra:
             return pair
         if type(module) is nn.Linear:
@@ -474,7 +477,7 @@ def _module_pair(module, pair, *extra, check_hooks: bool = False):
                 if result is not None:
                     return result
         else:
-            pair_rule = getattr(_pattern_for(module), "pair_rule", None)
+            pair_rule = getattr(_modules._pattern_for(module), "pair_rule", None)
             if pair_rule is not None:
                 result = pair_rule(module, *pair, *extra)
                 if result is not None:

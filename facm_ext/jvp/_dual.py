@@ -171,6 +171,9 @@ class _State(threading.local):
     def __init__(self):
         self.depth = 0  # nesting of active transforms in this thread
         self.report: Optional[JVPReport] = None
+        # id(module) -> (module, the modules of its subtree), kept for one facm_ext.jvp call (see
+        # facm_ext.jvp._modules._tree_has_hooks); None outside a call.
+        self.subtrees: Optional[dict] = None
 
 
 STATE = _State()

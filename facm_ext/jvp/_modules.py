@@ -210,17 +210,33 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def _tree_has_hooks(module: nn.Module) -> bool:
-    """Hooks on the module or any submodule: the walk of module.modules() without building the submodules'
-    names (this runs on every call of a pattern module)."""
-    queue, seen = [module], {id(module)}
-    for m in queue:  # grows while it is walked
+    """Hooks on the module or any submodule. The hooks are read on every call; the submodules are found once per
+    facm_ext.jvp call (STATE.subtrees): this runs on every call of a pattern module (five times per block of a
+    DiT), and the walk took longer than reading the hooks (4.2 us against 1.7 us for a LightningDiT block on the
+    CPU). A submodule added to the tree in the middle of a call is not seen before the next call."""
+    subtrees = STATE.subtrees
+    if subtrees is None:
+        members = _subtree(module)
+    else:
+        entry = subtrees.get(id(module))
+        if entry is None or entry[0] is not module:
+            entry = subtrees[id(module)] = (module, _subtree(module))
+        members = entry[1]
+    for m in members:
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
             return True
+    return False
+
+
+def _subtree(module: nn.Module) -> tuple:
+    """The module and its submodules, each once: the walk of module.modules() without building their names."""
+    queue, seen = [module], {id(module)}
+    for m in queue:  # grows while it is walked
         for child in m._modules.values():
             if child is not None and id(child) not in seen:
                 seen.add(id(child))
                 queue.append(child)
-    return False
+    return tuple(queue)
 
 
 # -------------------------------------------------------------------------------------------------- patterns

@@ -113,6 +113,7 @@ def check_broadcastable(name: str, value: torch.Tensor, target_name: str, target
 
 
 # ---------------------------------------------------------------------------------------------------------- backends
+@_env.per_snapshot
 def _forced_backend() -> str | None:
     """FACM_EXT_BACKEND=reference|triton|cuda forces one backend where it applies (tests and benchmarks)."""
     value = _env.get("FACM_EXT_BACKEND", "").strip().lower()
@@ -195,6 +196,7 @@ def zeros_tangent(like: torch.Tensor) -> torch.Tensor:
 _EXACT_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
+@_env.per_snapshot
 def _eager_dispatch_forced() -> bool:
     return _env.get("FACM_EXT_EAGER_DISPATCH", "").strip().lower() == "custom_op"
 
