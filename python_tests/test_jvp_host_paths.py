@@ -424,6 +424,80 @@ def test_validation_helpers_messages():
         _common.check_same_dtype("x", x, a=x, b=x.double())
 
 
+def _variants(valid, optional: bool) -> list:
+    """``valid`` and the ways an argument can differ from it: another float dtype, an integer dtype, another last
+    dim, an extra leading dim, another device, not a tensor, None."""
+    out = [valid, valid.double(), valid.to(torch.int64), torch.zeros(*valid.shape[:-1], valid.shape[-1] + 1),
+           valid.unsqueeze(0), valid.to("meta"), [1.0]]
+    if valid.dim() == 3:
+        out += [valid[:, :1], valid[:1]]  # broadcastable / non-broadcastable dims (for modulation and gates)
+    return out + [None] if optional else out
+
+
+def _outcome(fn, args):
+    try:
+        fn(*args)
+    except Exception as exc:  # the outcome itself is compared: type and message
+        return f"{type(exc).__name__}: {exc}"
+    return "ok"
+
+
+_B, _L, _C = 2, 3, 4
+# (public op, fast-path name in its module, valid arguments, which arguments may be None)
+_FAST_PATH_CASES = {
+    "linear_jvp": ("linear", "_plain_linear_args", lambda: (torch.randn(_B, _L, _C), torch.randn(_B, _L, _C),
+                                                            torch.randn(5, _C), torch.randn(5)), (1, 3)),
+    "layer_norm_jvp": ("norms", "_plain_x", lambda: (torch.randn(_B, _L, _C), torch.randn(_B, _L, _C),
+                                                     torch.randn(_C), torch.randn(_C)), (1, 2, 3)),
+    "rms_norm_jvp": ("norms", "_plain_channel_vector", lambda: (torch.randn(_B, _L, _C), torch.randn(_B, _L, _C),
+                                                                torch.randn(_C)), (1, 2)),
+    "modulate_jvp": ("norms", "_plain_modulated_args", lambda: (
+        torch.randn(_B, _L, _C), torch.randn(_B, _L, _C), torch.randn(_B, _C), torch.randn(_B, _C),
+        torch.randn(_B, _L, _C), torch.randn(_B, _L, _C)), (1, 3, 5)),
+    "adaln_jvp": ("norms", "_plain_modulated_args", lambda: (
+        torch.randn(_B, _L, _C), torch.randn(_B, _L, _C), torch.randn(_B, 1, _C), torch.randn(_B, 1, _C),
+        torch.randn(_B, _C), torch.randn(_B, _C)), (1, 3, 5)),
+    "gated_residual_jvp": ("pointwise", "_plain_gated_residual_args", lambda: (
+        torch.randn(_B, _L, _C), torch.randn(_B, _L, _C), torch.randn(_B, _C), torch.randn(_B, _C),
+        torch.randn(_B, _L, _C), torch.randn(_B, _L, _C)), (1, 3, 5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_FAST_PATH_CASES))
+def test_one_pass_checks_agree_with_the_checks(monkeypatch, name):
+    """The ops decide their common case in one pass and run the named checks only when it fails: for every valid
+    argument list with one or two arguments changed (dtype, shape, device, type, None), the op's outcome (its
+    error message, or success) is the same with the one-pass decision as without it."""
+    import importlib
+    import itertools
+
+    module_name, fast_name, make_valid, optional = _FAST_PATH_CASES[name]
+    module = importlib.import_module(f"facm_ext.ops.{module_name}")
+    op = getattr(module, name)
+    torch.manual_seed(0)
+    valid = make_valid()
+    options = [_variants(v, i in optional) for i, v in enumerate(valid)]
+    argument_lists = [valid]
+    for i, j in itertools.combinations_with_replacement(range(len(valid)), 2):
+        for a, b in itertools.product(options[i][1:], options[j][1:]):
+            args = list(valid)
+            args[i], args[j] = a, (b if i != j else a)
+            argument_lists.append(args)
+    with torch.no_grad():
+        fast = [_outcome(op, args) for args in argument_lists]
+        for fast_path in ("_plain_linear_args", "_plain_x", "_plain_channel_vector", "_plain_modulated_args",
+                          "_plain_gated_residual_args"):
+            if hasattr(module, fast_path):
+                monkeypatch.setattr(module, fast_path, lambda *a, **k: False)
+        checked = [_outcome(op, args) for args in argument_lists]
+    assert fast[0] == "ok"
+    assert sum(o != "ok" for o in checked) > len(checked) // 2  # the variants do exercise the checks
+    for args, a, b in zip(argument_lists, fast, checked):
+        assert a == b, (name, [type(v).__name__ if not isinstance(v, torch.Tensor) else (v.dtype, tuple(v.shape),
+                                                                                            v.device.type)
+                               for v in args], a, b)
+
+
 def test_noncontiguous_and_grad_inputs_through_a_whole_block():
     from facm_ext.models.lightningdit import LightningDiTBlock, VisionRotaryEmbedding2D
 

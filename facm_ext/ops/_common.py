@@ -102,6 +102,13 @@ def check_tangent(name: str, tangent, primal_name: str, primal: torch.Tensor) ->
                          f"got {tangent.device}")
 
 
+def plain_tangent(tangent, shape, device) -> bool:
+    """True when :func:`check_tangent` passes for a primal of ``shape`` on ``device``: None, or a floating tensor of
+    that shape and device. For the ops' one-pass checks of their common case (see linear._plain_linear_args)."""
+    return tangent is None or (isinstance(tangent, torch.Tensor) and tangent.dtype in _FLOAT_DTYPE_SET
+                               and tangent.shape == shape and tangent.device == device)
+
+
 def check_broadcastable(name: str, value: torch.Tensor, target_name: str, target_shape) -> None:
     """ValueError unless broadcasting ``value`` against ``target_shape`` gives ``target_shape``: each of value's
     dims, aligned from the right, equals the target's or is 1, and value has no more dims. (Decided here rather

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from facm_ext import _env
 from facm_ext.ops._common import (
+    _FLOAT_DTYPE_SET,
     jvp_custom_op,
     OpInfo,
     autocast_disabled,
@@ -95,6 +96,8 @@ def autocast_cast(device_type: str, *tensors: Optional[torch.Tensor]) -> tuple:
 def check_linear_args(x, tx, weight, bias, *, x_name="x", tx_name="tx", weight_name="weight", bias_name="bias",
                       autocast: bool = False) -> None:
     """ValueError naming the offending argument unless the arguments form a valid ``F.linear`` (+ tangent)."""
+    if not autocast and _plain_linear_args(x, tx, weight, bias):
+        return
     check_tensor(x_name, x, min_ndim=1)
     check_tangent(tx_name, tx, x_name, x)
     check_tensor(weight_name, weight, ndim=2)
@@ -109,6 +112,27 @@ def check_linear_args(x, tx, weight, bias, *, x_name="x", tx_name="tx", weight_n
     check_same_device(x_name, x, **{weight_name: weight, bias_name: bias})
     if not autocast:
         check_same_dtype(x_name, x, **{tx_name: tx, weight_name: weight, bias_name: bias})
+
+
+def _plain_linear_args(x, tx, weight, bias) -> bool:
+    """True when the checks of :func:`check_linear_args` without autocast all pass: every tensor of x's floating
+    dtype and device, the shapes of an F.linear. The common case, decided in one pass without the helper calls and
+    argument dicts of the checks (which then run only to find and name what is wrong): this runs once per linear
+    layer of a transformed model."""
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        return False
+    dtype, shape = x.dtype, x.shape
+    if (dtype not in _FLOAT_DTYPE_SET or weight.dtype != dtype or weight.dim() != 2 or not shape
+            or weight.shape[1] != shape[-1]):
+        return False
+    device = x.device
+    if weight.device != device:
+        return False
+    if tx is not None and not (isinstance(tx, torch.Tensor) and tx.dtype == dtype and tx.shape == shape
+                               and tx.device == device):
+        return False
+    return bias is None or (isinstance(bias, torch.Tensor) and bias.dtype == dtype and bias.dim() == 1
+                            and bias.shape[0] == weight.shape[0] and bias.device == device)
 
 
 # -------------------------------------------------------------------------------------------------------- the op

@@ -101,6 +101,44 @@ def _check_modulation(name: str, value, x: Tensor) -> None:
         _common.check_broadcastable(name, value, "x", x.shape)
 
 
+# One-pass forms of the checks above for their common case, decided without the helper calls and argument dicts
+# of the checks (which then run only to find and name what is wrong): these run once per norm of a transformed
+# model. Each is True exactly when the checks it stands for pass.
+def _plain_x(x, *, three_d: bool) -> bool:
+    """_check_x passes."""
+    if not (isinstance(x, Tensor) and x.dtype in _common._FLOAT_DTYPE_SET):
+        return False
+    shape = x.shape
+    return (len(shape) == 3 if three_d else len(shape) >= 1) and shape[-1] != 0
+
+
+def _plain_channel_vector(value, x: Tensor) -> bool:
+    """_check_channel_vector passes (x already checked)."""
+    return value is None or (isinstance(value, Tensor) and value.dtype in _common._FLOAT_DTYPE_SET
+                             and value.dim() == 1 and value.shape[0] == x.shape[-1] and value.device == x.device)
+
+
+def _plain_modulated_args(x, tx, shift, tshift, scale, tscale) -> bool:
+    """_check_modulated_args passes."""
+    if not _plain_x(x, three_d=True):
+        return False
+    shape, device = x.shape, x.device
+    if not _common.plain_tangent(tx, shape, device):
+        return False
+    for mod, tangent in ((shift, tshift), (scale, tscale)):
+        if not (isinstance(mod, Tensor) and mod.dtype in _common._FLOAT_DTYPE_SET and mod.device == device):
+            return False
+        mod_shape = mod.shape
+        if len(mod_shape) == 2:
+            if mod_shape[0] != shape[0] or mod_shape[1] != shape[2]:
+                return False
+        elif len(mod_shape) != 3 or any(size != 1 and size != shape[i] for i, size in enumerate(mod_shape)):
+            return False
+        if not _common.plain_tangent(tangent, mod_shape, device):
+            return False
+    return True
+
+
 def _check_norm(norm) -> None:
     if norm not in ("layer", "rms"):
         raise ValueError(f"norm: expected 'layer' or 'rms', got {norm!r}")
@@ -467,10 +505,12 @@ def layer_norm_jvp(x: Tensor, tx: Optional[Tensor], weight: Optional[Tensor] = N
     x: [..., C] fp32/fp16/bf16/fp64; tx: x's shape or None; weight, bias: [C] or None. Returns (y, ty), both
     [..., C] contiguous in x's dtype. The tangent of weight/bias is zero (parameters are constants of the JVP).
     """
-    _check_x(x, three_d=False)
-    _common.check_tangent("tx", tx, "x", x)
-    _check_channel_vector("weight", weight, x)
-    _check_channel_vector("bias", bias, x)
+    if not (_plain_x(x, three_d=False) and _common.plain_tangent(tx, x.shape, x.device)
+            and _plain_channel_vector(weight, x) and _plain_channel_vector(bias, x)):
+        _check_x(x, three_d=False)
+        _common.check_tangent("tx", tx, "x", x)
+        _check_channel_vector("weight", weight, x)
+        _check_channel_vector("bias", bias, x)
     y, ty, _, _ = _layer_norm_op(x, tx, weight, bias, _check_eps(eps))
     return y, ty
 
@@ -482,9 +522,11 @@ def rms_norm_jvp(x: Tensor, tx: Optional[Tensor], weight: Optional[Tensor] = Non
     x: [..., C] (qk-norm: [B, L, H, head_dim]) fp32/fp16/bf16/fp64; tx: x's shape or None; weight: [C] or None.
     Returns (y, ty), both [..., C] contiguous in x's dtype.
     """
-    _check_x(x, three_d=False)
-    _common.check_tangent("tx", tx, "x", x)
-    _check_channel_vector("weight", weight, x)
+    if not (_plain_x(x, three_d=False) and _common.plain_tangent(tx, x.shape, x.device)
+            and _plain_channel_vector(weight, x)):
+        _check_x(x, three_d=False)
+        _common.check_tangent("tx", tx, "x", x)
+        _check_channel_vector("weight", weight, x)
     y, ty, _, _ = _rms_norm_op(x, tx, weight, _check_eps(eps))
     return y, ty
 
@@ -506,7 +548,8 @@ def modulate_jvp(x: Tensor, tx: Optional[Tensor], shift: Tensor, tshift: Optiona
     x: [B, L, C]; shift, scale: [B, C] (broadcast over tokens) or 3-D broadcasting to [B, L, C] (per-token strided
     views included); each tangent None or its primal's shape. Returns (y, ty): [B, L, C] contiguous, x's dtype.
     """
-    _check_modulated_args(x, tx, shift, tshift, scale, tscale)
+    if not _plain_modulated_args(x, tx, shift, tshift, scale, tscale):
+        _check_modulated_args(x, tx, shift, tshift, scale, tscale)
     y, ty, _, _ = _modulate_op(x, tx, shift, tshift, scale, tscale)
     return y, ty
 
@@ -521,7 +564,8 @@ def adaln_jvp(x: Tensor, tx: Optional[Tensor], shift: Tensor, tshift: Optional[T
     tangents None or their primal's shape; weight: [C] or None. Returns (y, ty): [B, L, C] contiguous, x's dtype.
     """
     _check_norm(norm)
-    _check_modulated_args(x, tx, shift, tshift, scale, tscale)
-    _check_channel_vector("weight", weight, x)
+    if not (_plain_modulated_args(x, tx, shift, tshift, scale, tscale) and _plain_channel_vector(weight, x)):
+        _check_modulated_args(x, tx, shift, tshift, scale, tscale)
+        _check_channel_vector("weight", weight, x)
     y, ty, _, _ = _adaln_op(x, tx, shift, tshift, scale, tscale, weight, norm, _check_eps(eps))
     return y, ty

@@ -28,6 +28,7 @@ import torch
 
 from facm_ext import _extension
 from facm_ext.ops._common import (
+    _FLOAT_DTYPE_SET,
     jvp_custom_op,
     OpInfo,
     check_same_device,
@@ -325,6 +326,25 @@ def _gated_residual_backward(ctx, grad, _grad_tangent):
 _gated_residual_jvp_op.register_autograd(_gated_residual_backward, setup_context=_gated_residual_setup)
 
 
+def _plain_gated_residual_args(x, tx, gate, tgate, y, ty) -> bool:
+    """True exactly when gated_residual_jvp's checks up to the gate's shape pass: x, gate, y floating tensors of at
+    least one dim on one device, y of x's shape, each tangent None or its primal's shape, dtype and device. Decided
+    in one pass for the common case (once per gated residual of a transformed model); the checks themselves then
+    run only to find and name what is wrong."""
+    if not (isinstance(x, torch.Tensor) and isinstance(gate, torch.Tensor) and isinstance(y, torch.Tensor)):
+        return False
+    if x.dtype not in _FLOAT_DTYPE_SET or gate.dtype not in _FLOAT_DTYPE_SET or y.dtype not in _FLOAT_DTYPE_SET:
+        return False
+    shape, device = x.shape, x.device
+    if not shape or gate.dim() < 1 or y.shape != shape or gate.device != device or y.device != device:
+        return False
+    for tangent, primal in ((tx, x), (tgate, gate), (ty, y)):
+        if tangent is not None and not (isinstance(tangent, torch.Tensor) and tangent.dtype == primal.dtype
+                                        and tangent.shape == primal.shape and tangent.device == device):
+            return False
+    return True
+
+
 def gated_residual_jvp(x: torch.Tensor, tx: Optional[torch.Tensor], gate: torch.Tensor,
                        tgate: Optional[torch.Tensor], y: torch.Tensor, ty: Optional[torch.Tensor]):
     """Primal and tangent of the gated residual ``x + gate * y``.
@@ -343,18 +363,19 @@ def gated_residual_jvp(x: torch.Tensor, tx: Optional[torch.Tensor], gate: torch.
         (h, th): x's shape and dtype, contiguous; computed in fp32 (fp64 if any input is fp64). h is
         differentiable w.r.t. x, gate and y; th carries no graph.
     """
-    check_tensor("x", x, min_ndim=1)
-    check_tensor("gate", gate, min_ndim=1)
-    check_tensor("y", y, min_ndim=1)
-    if y.shape != x.shape:
-        raise ValueError(f"y: expected the shape {tuple(x.shape)} of x, got {tuple(y.shape)}")
-    check_same_device("x", x, gate=gate, y=y)
-    check_tangent("tx", tx, "x", x)
-    check_tangent("tgate", tgate, "gate", gate)
-    check_tangent("ty", ty, "y", y)
-    for name, tangent, primal_name, primal in (("tx", tx, "x", x), ("tgate", tgate, "gate", gate),
-                                               ("ty", ty, "y", y)):
-        _check_tangent_dtype(name, tangent, primal_name, primal)
+    if not _plain_gated_residual_args(x, tx, gate, tgate, y, ty):
+        check_tensor("x", x, min_ndim=1)
+        check_tensor("gate", gate, min_ndim=1)
+        check_tensor("y", y, min_ndim=1)
+        if y.shape != x.shape:
+            raise ValueError(f"y: expected the shape {tuple(x.shape)} of x, got {tuple(y.shape)}")
+        check_same_device("x", x, gate=gate, y=y)
+        check_tangent("tx", tx, "x", x)
+        check_tangent("tgate", tgate, "gate", gate)
+        check_tangent("ty", ty, "y", y)
+        for name, tangent, primal_name, primal in (("tx", tx, "x", x), ("tgate", tgate, "gate", gate),
+                                                   ("ty", ty, "y", y)):
+            _check_tangent_dtype(name, tangent, primal_name, primal)
     if gate.dim() == 2 and x.dim() == 3:
         if gate.shape != (x.shape[0], x.shape[2]):
             raise ValueError(f"gate: a 2-d gate of a [B, L, C] x must be [B, C] = {(x.shape[0], x.shape[2])}, "
