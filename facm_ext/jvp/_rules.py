@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ._dual import (
     FUSED_FUNCTION_RULES,
+    STATE,
     DisableTorchFunctionSubclass,
     fallback,
     plain,
@@ -59,14 +60,16 @@ def get_op(name: str) -> tuple[Optional[Callable], Optional[str]]:
 def call_op(name: str, what: str, *args, **kwargs):
     """Run facm_ext.ops.<name>; returns (primal, tangent) or (None, reason) when the op is missing or rejected the
     arguments (ValueError: an unsupported case for that op, which the fallback handles correctly)."""
-    op, why = get_op(name)
+    op, why = _OP_CACHE.get(name) or get_op(name)
     if op is None:
         return None, why
     try:
         result = op(*args, **kwargs)
     except ValueError as exc:
         return None, f"{name} rejected the arguments: {exc}"
-    record_fused(f"{what} -> {name}")
+    # The report's key is built only when a report is being kept (this runs once per fused op).
+    if STATE.report is not None:
+        record_fused(f"{what} -> {name}")
     return result, None
 
 

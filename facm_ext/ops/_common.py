@@ -247,12 +247,6 @@ class JVPCustomOp:
             "backward": staticmethod(backward),
         })
 
-    @staticmethod
-    def _eager_context() -> bool:
-        """No compile, dispatch mode, functorch transform or forced dispatcher path is active."""
-        return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-                    or torch._C._functorch.peek_interpreter_stack() is not None or _eager_dispatch_forced())
-
     def __call__(self, *args):
         # Tensor types (only exact tensors take the eager path) and requires_grad read in one pass over the
         # arguments: this runs once per op call.
@@ -262,7 +256,9 @@ class JVPCustomOp:
                 if type(a) not in _EXACT_TENSOR_TYPES:
                     return self.op(*args)
                 requires_grad = requires_grad or a.requires_grad
-        if not self._eager_context():
+        # The dispatcher path when compiling, under a dispatch mode or a functorch transform, or when forced.
+        if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+                or torch._C._functorch.peek_interpreter_stack() is not None or _eager_dispatch_forced()):
             return self.op(*args)
         if requires_grad and self._function is not None and torch.is_grad_enabled():
             return self._function.apply(*args)
