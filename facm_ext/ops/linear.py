@@ -30,6 +30,7 @@ from facm_ext.ops._common import (
     jvp_custom_op,
     OpInfo,
     autocast_disabled,
+    plain_tangent,
     _forced_backend,
     check_same_device,
     check_same_dtype,
@@ -128,8 +129,7 @@ def _plain_linear_args(x, tx, weight, bias) -> bool:
     device = x.device
     if weight.device != device:
         return False
-    if tx is not None and not (isinstance(tx, torch.Tensor) and tx.dtype == dtype and tx.shape == shape
-                               and tx.device == device):
+    if not plain_tangent(tx, shape, device) or (tx is not None and tx.dtype != dtype):
         return False
     return bias is None or (isinstance(bias, torch.Tensor) and bias.dtype == dtype and bias.dim() == 1
                             and bias.shape[0] == weight.shape[0] and bias.device == device)

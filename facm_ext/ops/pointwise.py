@@ -32,6 +32,7 @@ from facm_ext.ops._common import (
     jvp_custom_op,
     OpInfo,
     check_same_device,
+    plain_tangent,
     check_same_dtype,
     check_tangent,
     check_tensor,
@@ -339,8 +340,7 @@ def _plain_gated_residual_args(x, tx, gate, tgate, y, ty) -> bool:
     if not shape or gate.dim() < 1 or y.shape != shape or gate.device != device or y.device != device:
         return False
     for tangent, primal in ((tx, x), (tgate, gate), (ty, y)):
-        if tangent is not None and not (isinstance(tangent, torch.Tensor) and tangent.dtype == primal.dtype
-                                        and tangent.shape == primal.shape and tangent.device == device):
+        if not plain_tangent(tangent, primal.shape, device) or (tangent is not None and tangent.dtype != primal.dtype):
             return False
     return True
 
