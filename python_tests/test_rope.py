@@ -243,6 +243,37 @@ def test_cuda_rope(dtype, interleaved, layout, form, head_dim):
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
+@pytest.mark.parametrize("form", ["pair", "channel"])
+@pytest.mark.parametrize("case", ["flat_head_major", "flat_token_major", "looping_large_tables", "looping_sliced_view",
+                                  "looping_mixed_orders"])
+def test_cuda_rope_kernel_forms(dtype, interleaved, form, case):
+    """Each kernel form on aligned vectors. Flat: x, x' and the output dense in one memory order ([B, H, L, D] with
+    small tables, or [B, L, H, D]), odd token and head counts. Looping: [B, H, L, D] with tables over 4 MiB, a
+    16-byte-aligned slice of a wider tensor, and x and x' in different memory orders."""
+    batch, heads, tokens, head_dim = 2, 3, 33, 128
+    layout = "BLHD" if case == "flat_token_major" else "BHLD"
+    if case == "looping_large_tables":  # 2 tables x 4200 x 128 (or 64) x 4 bytes > 4 MiB for the channel form
+        batch, heads, tokens = 1, 2, 8400 if form == "pair" else 4200
+    shape = x_shape(layout, batch, heads, tokens, head_dim)
+    x = rand(*shape, dtype=dtype, device="cuda")
+    tx = rand(*shape, dtype=dtype, device="cuda")
+    if case == "looping_sliced_view":
+        x = torch.cat([x, rand(*shape, dtype=dtype, device="cuda")], dim=-1)[..., :head_dim]
+    if case == "looping_mixed_orders":
+        tx = tx.transpose(1, 2).contiguous().transpose(1, 2)
+    cos, sin = tables(tokens, head_dim, form, device="cuda")
+    rout, rtout = ref_jvp(x, tx, cos, sin, interleaved, layout)
+    out, tout = rope_jvp(x, tx, cos, sin, interleaved, layout=layout)
+    assert_rel_close(out, rout, dtype, what=f"primal ({case})")
+    assert_rel_close(tout, rtout, dtype, what=f"tangent ({case})")
+    out, tout = rope_jvp(x, None, cos, sin, interleaved, layout=layout)
+    assert_rel_close(out, rout, dtype, what=f"primal, no tangent ({case})")
+    assert torch.equal(tout, torch.zeros_like(tout))
+
+
+@requires_cuda
 def test_cuda_rope_bf16_tables_and_opcheck():
     x = rand(2, 4, 6, 72, device="cuda", dtype=torch.bfloat16)
     cos, sin = tables(6, 72, "channel", device="cuda", dtype=torch.bfloat16)

@@ -30,7 +30,7 @@ constexpr int kStagedMinBlocks = 8;        // 64 registers: eight 128-thread sta
 // Staged x (+ x') per block at most: the default 48 KB per-block shared memory limit less room for the static
 // reduction scratch (fp32 rows of 6144 channels with a tangent would need exactly 48 KB and fail to launch).
 constexpr int64_t kMaxStagedBytes = 46 * 1024;
-constexpr int kElementwiseThreads = 256;       // modulation without a norm: one vector per thread
+constexpr int kElementwiseThreads = 256;       // per-token modulation without a norm: one vector per thread
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
@@ -324,15 +324,15 @@ __device__ __forceinline__ void load_mod_vec(const Operand3d& op, int64_t b, int
   load_vec<M, VEC>(static_cast<const M*>(op.data) + b * op.stride_b + l * op.stride_l + e, out);
 }
 
-template <typename T, typename M, int VEC, int ROWS, typename Idx>
-__global__ void __launch_bounds__(kElementwiseThreads) modulate_jvp_kernel(const NormJvpParams p) {
+template <typename T, typename M, int VEC, int ROWS, int THREADS, typename Idx>
+__global__ void __launch_bounds__(THREADS) modulate_jvp_kernel(const NormJvpParams p) {
   const Idx vectors_per_row = static_cast<Idx>(p.channels / VEC);
   const Idx length = static_cast<Idx>(p.length);
   const Idx rows = static_cast<Idx>(p.batch) * length;
   const Idx total = (rows + ROWS - 1) / ROWS * vectors_per_row;
   const bool has_tx = p.tx.data != nullptr;
-  for (Idx v = static_cast<Idx>(blockIdx.x) * kElementwiseThreads + threadIdx.x; v < total;
-       v += static_cast<Idx>(gridDim.x) * kElementwiseThreads) {
+  for (Idx v = static_cast<Idx>(blockIdx.x) * THREADS + threadIdx.x; v < total;
+       v += static_cast<Idx>(gridDim.x) * THREADS) {
     const Idx group = v / vectors_per_row;
     const int64_t e = static_cast<int64_t>(v - group * vectors_per_row) * VEC;
     Raw<T, VEC> x_raw[ROWS], tx_raw[ROWS];
@@ -703,20 +703,24 @@ cudaError_t launch_staged(const NormJvpParams& p, int threads, size_t smem, cuda
 bool broadcast_over_tokens(const Operand3d& op) { return op.data == nullptr || op.stride_l == 0; }
 
 // Rows per thread of the modulation kernel: 4 when every modulation tensor is broadcast over tokens (reused from
-// registers), else 1.
+// registers), else 1. The broadcast form runs 64-thread blocks: at the LightningDiT shape (bf16 [64, 256, 1152],
+// 36,864 work items) 256-thread blocks gave 46.3 us and 64-thread blocks 41.5 us, the 2-in/2-out copy 40.2 us
+// (scratch microbenchmark, H200, 2026-11-26; block sizes 64-256 and 1-8 rows compared). Per-token modulation keeps
+// 256-thread blocks (at the memory roofline at Wan's shape).
 constexpr int kBroadcastRows = 4;
+constexpr int kBroadcastThreads = 64;
 
-template <typename T, typename M, int VEC, int ROWS>
+template <typename T, typename M, int VEC, int ROWS, int THREADS>
 cudaError_t launch_modulate_rows(const NormJvpParams& p, cudaStream_t stream) {
   const int64_t rows = p.batch * p.length;
   const int64_t work = ceil_div(rows, ROWS) * (p.channels / VEC);
-  const int64_t blocks = vec_io::covering_blocks(work, kElementwiseThreads);  // one thread per work item
-  const dim3 grid(static_cast<unsigned>(blocks)), block(kElementwiseThreads);
-  const int64_t max_index = std::max(rows * p.channels, work + blocks * kElementwiseThreads);
+  const int64_t blocks = vec_io::covering_blocks(work, THREADS);  // one thread per work item
+  const dim3 grid(static_cast<unsigned>(blocks)), block(THREADS);
+  const int64_t max_index = std::max(rows * p.channels, work + blocks * THREADS);
   if (max_index <= 0x7fffffffLL) {
-    modulate_jvp_kernel<T, M, VEC, ROWS, uint32_t><<<grid, block, 0, stream>>>(p);
+    modulate_jvp_kernel<T, M, VEC, ROWS, THREADS, uint32_t><<<grid, block, 0, stream>>>(p);
   } else {
-    modulate_jvp_kernel<T, M, VEC, ROWS, uint64_t><<<grid, block, 0, stream>>>(p);
+    modulate_jvp_kernel<T, M, VEC, ROWS, THREADS, uint64_t><<<grid, block, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }
@@ -725,8 +729,8 @@ template <typename T, typename M, int VEC>
 cudaError_t launch_modulate_vec(const NormJvpParams& p, cudaStream_t stream) {
   const bool broadcast = broadcast_over_tokens(p.shift) && broadcast_over_tokens(p.tshift) &&
                          broadcast_over_tokens(p.scale) && broadcast_over_tokens(p.tscale);
-  return broadcast ? launch_modulate_rows<T, M, VEC, kBroadcastRows>(p, stream)
-                   : launch_modulate_rows<T, M, VEC, 1>(p, stream);
+  return broadcast ? launch_modulate_rows<T, M, VEC, kBroadcastRows, kBroadcastThreads>(p, stream)
+                   : launch_modulate_rows<T, M, VEC, 1, kElementwiseThreads>(p, stream);
 }
 
 template <typename T, typename M>

@@ -52,6 +52,32 @@ __device__ __forceinline__ void load(const T* __restrict__ p, float (&out)[E]) {
   }
 }
 
+// E elements of T as raw 16-byte words: loads issued early (before a branch or a second row's math) and converted
+// later, so a thread keeps several transactions in flight. Needs the 16-byte alignment of load<E, true>.
+template <typename T, int E>
+struct RawVec {
+  static_assert(E % kPer16<T> == 0, "vector width must cover whole 16-byte transactions");
+  uint4 words[E / kPer16<T>];
+};
+
+template <int E, typename T>
+__device__ __forceinline__ RawVec<T, E> load_raw(const T* __restrict__ p) {
+  RawVec<T, E> r;
+#pragma unroll
+  for (int chunk = 0; chunk < E / kPer16<T>; ++chunk) r.words[chunk] = __ldg(reinterpret_cast<const uint4*>(p) + chunk);
+  return r;
+}
+
+template <int E, typename T>
+__device__ __forceinline__ void unpack(const RawVec<T, E>& r, float (&out)[E]) {
+#pragma unroll
+  for (int chunk = 0; chunk < E / kPer16<T>; ++chunk) {
+    const T* vals = reinterpret_cast<const T*>(&r.words[chunk]);
+#pragma unroll
+    for (int i = 0; i < kPer16<T>; ++i) out[chunk * kPer16<T> + i] = to_f32(vals[i]);
+  }
+}
+
 // Raw bits of one element, widened to 32 bits.
 __device__ __forceinline__ uint32_t bits_of(float v) { return __float_as_uint(v); }
 __device__ __forceinline__ uint32_t bits_of(__half v) { return __half_as_ushort(v); }
