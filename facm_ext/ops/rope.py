@@ -13,8 +13,10 @@ Accepted layouts:
   pairs of Wan's 3D RoPE. ``interleaved=False``: pairs are (j, j + D/2), the ``rotate_half`` (GPT-NeoX) form.
 
 Backends (chosen at run time inside the custom op ``torch.ops.facm_ext.rope_jvp``):
-- ``cuda``: ``facm_ext::rope_jvp_cuda`` (csrc/rope) for fp32/fp16/bf16 CUDA x: one pass; a thread loads one
-  position's table chunk once and rotates it into every head, 16-byte vectors when aligned.
+- ``cuda``: ``facm_ext::rope_jvp_cuda`` (csrc/rope) for fp32/fp16/bf16 CUDA x, one pass, 16-byte vectors when
+  aligned. Dense x, x' (one memory order) take a flat form, one thread per 16-byte chunk reading its table chunk,
+  when the order is ``[B, L, H, D]`` or the two tables take at most 4 MiB; otherwise a thread loads one position's
+  table chunk once and rotates it into every head (a position's table row is then read once, not once per head).
 - ``reference``: everything else (CPU, fp64, ``FACM_EXT_BACKEND=reference``): the pair formulas in PyTorch.
 fp32 math, outputs contiguous in x's dtype and layout. Only the primal output is differentiable (w.r.t. x and the
 tables); the tangent output carries no graph.
