@@ -10,7 +10,8 @@ A14B blocks and as many blocks as make gathering the whole model on one GPU impo
   reduce)``, and runs the unchanged call ``facm_ext.jvp(model, (x, t), (v, 1))`` (the FSDP2 module-call handler
   streams the blocks), in two modes: tangent-only (no grad) and grad (JVP with a differentiable output, then
   backward: FACM's step without the optimizer); plus the hybrid fallback (JVP under no_grad, then an ordinary
-  forward with grad, then backward) as the alternative;
+  forward with grad, then backward) as the alternative; plus, as the reference for what FSDP2 itself costs, a
+  plain forward (no JVP, no grad) and a plain forward + backward of the same sharded model;
 - times each with fixed iteration counts (collectives forbid per-rank adaptive repetition; CUDA-event medians);
 - reports peak memory against the bound: sharded parameters (+ sharded gradients) + the root's gathered
   parameters + (1 + prefetch) gathered blocks + activations (one block's transient peak; in grad mode plus the
@@ -19,7 +20,8 @@ A14B blocks and as many blocks as make gathering the whole model on one GPU impo
 - profiles one grad-mode iteration (torch.profiler) and reports how much of the NCCL all-gather kernel time
   overlaps compute kernels on the GPU timeline;
 - on rank 0 alone, without FSDP, runs the same per-GPU batch through a bf16 copy of the model (for Wan, of as
-  many blocks as fit on one GPU, compared per block) and reports chain speed relative to it (target >= 0.9x).
+  many blocks as fit on one GPU, compared per block) and reports chain speed relative to it (target >= 0.9x); the
+  plain rows' ratio is FSDP2's own speed against one GPU, the ceiling the chain's ratio can be read against.
 
 Prints one table per model (and JSON with --json PATH). Needs 2 GPUs; exits with a message otherwise.
 """
@@ -209,7 +211,20 @@ def make_steps(model, spec, primals, tangents, extra):
         out = fn(*primals)
         (out.float() * tangent.float()).mean().backward()
 
-    return dict(tangent=tangent_step, grad=grad_step, hybrid=hybrid_step)
+    def plain_step():
+        with torch.no_grad():
+            return fn(*primals)
+
+    def plain_grad_step():
+        fn(*primals).float().square().mean().backward()
+
+    return dict(tangent=tangent_step, grad=grad_step, hybrid=hybrid_step, plain=plain_step,
+                plain_grad=plain_grad_step)
+
+
+# Table rows: the chain's modes, then the plain (no JVP) reference rows, with their labels.
+MODE_LABELS = {"tangent": "tangent", "grad": "grad", "hybrid": "hybrid", "plain": "plain fwd (no JVP)",
+               "plain_grad": "plain fwd+bwd (no JVP)"}
 
 
 def activation_terms(spec, model: nn.Module, device) -> dict:
@@ -273,13 +288,13 @@ def run_model(spec, args, rank: int, device) -> dict:
     steps["tangent"]()  # records the unit order; the later calls prefetch with it
     steps["grad"]()
     model.zero_grad(set_to_none=True)
-    for mode in ("tangent", "grad", "hybrid"):
+    for mode in MODE_LABELS:
         with GatherMonitor(model.blocks) as monitor:
             steps[mode]()
         result[f"{mode}_gathers_per_block"] = sorted(set(monitor.gathers[b] for b in model.blocks))
         result[f"{mode}_max_gathered"] = monitor.max_gathered
         model.zero_grad(set_to_none=True)
-    for mode in ("tangent", "grad", "hybrid"):
+    for mode in MODE_LABELS:
         result[f"{mode}_ms"] = timed(steps[mode], warmup=args.warmup, iters=args.iters)
         result[f"{mode}_peak_gib"] = peak_gib(steps[mode])
         model.zero_grad(set_to_none=True)
@@ -321,7 +336,7 @@ def run_baseline(spec, args, device) -> dict:
     primals, tangents, extra = spec["inputs"](device, COMPUTE_DTYPE)  # what the root's input cast gives the chain
     steps = make_steps(model, spec, primals, tangents, extra)
     result = dict(baseline_layers=layers)
-    for mode in ("tangent", "grad"):
+    for mode in ("tangent", "grad", "plain", "plain_grad"):
         steps[mode]()
         result[f"baseline_{mode}_ms"] = timed(steps[mode], warmup=args.warmup, iters=args.iters)
         result[f"baseline_{mode}_peak_gib"] = peak_gib(steps[mode])
@@ -360,7 +375,7 @@ def print_table(r: dict, prefetch: int) -> None:
           "before activations")
     print("| mode | chain ms | 1-GPU no-FSDP ms | speed vs 1 GPU | peak GiB | bound GiB | AG/block | max gathered |")
     print("|---|---|---|---|---|---|---|---|")
-    for mode in ("tangent", "grad", "hybrid"):
+    for mode, label in MODE_LABELS.items():
         chain_ms = r[f"{mode}_ms"]
         base = r.get(f"baseline_{mode}_ms")
         if base is not None and per_block:
@@ -369,8 +384,10 @@ def print_table(r: dict, prefetch: int) -> None:
         else:
             base_cmp, chain_cmp, base_txt = base, chain_ms, ("-" if base is None else f"{base:.1f}")
         speed = "-" if base is None else f"{base_cmp / chain_cmp:.2f}x" + (" per block" if per_block else "")
-        bound = bound_gib(r, "tangent" if mode == "tangent" else "grad", prefetch)
-        print(f"| {mode} | {chain_ms:.1f} | {base_txt} | {speed} | {r[f'{mode}_peak_gib']:.2f} | "
+        # The bound is the chain's (a JVP's activations); the plain rows have none.
+        bound = None if mode.startswith("plain") else bound_gib(r, "tangent" if mode == "tangent" else "grad",
+                                                                prefetch)
+        print(f"| {label} | {chain_ms:.1f} | {base_txt} | {speed} | {r[f'{mode}_peak_gib']:.2f} | "
               f"{'-' if bound is None else f'{bound:.2f}'} | {r[f'{mode}_gathers_per_block']} | "
               f"{r[f'{mode}_max_gathered']} |")
     print(f"grad step profile: all-gather kernels {r['allgather_ms']:.1f} ms, {100 * r['allgather_overlap']:.0f}% "

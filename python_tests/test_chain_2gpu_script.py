@@ -25,7 +25,7 @@ def test_chain_2gpu_smoke_reports_every_mode():
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    for mode in ("tangent", "grad", "hybrid"):
+    for mode in ("tangent", "grad", "hybrid", r"plain fwd \(no JVP\)", r"plain fwd\+bwd \(no JVP\)"):
         rows = re.findall(rf"^\| {mode} \|.*$", out, flags=re.MULTILINE)
         assert rows, f"no {mode} row in:\n{out[-3000:]}"
         # the last column is the most blocks gathered at once: never more than 1 + prefetch (prefetch 1)
