@@ -1,4 +1,4 @@
-"""attention_jvp (Triton one-pass flash JVP) against SDPA forward (best backend), and the math-path JVP
+"""attention_jvp (one-pass flash JVP: the CUDA C++ kernel and the Triton kernel where both apply) against SDPA forward (best backend), and the math-path JVP
 (torch.func.jvp of the reference attention) eager and compiled, bf16, in the same run. Also the backward of the
 primal output against SDPA's backward.
 
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import _harness
+from facm_ext.ops import attention as attention_ops
 from facm_ext.ops import attention_jvp
 from facm_ext.reference.attention import attention
 
@@ -89,31 +90,39 @@ def test_bench_attention_jvp(benchmark, case, monkeypatch):
     group = "attention_jvp"
 
     with torch.no_grad():
-        ours = functools.partial(attention_jvp, q, k, v, tq, tk, tv)
-        ours()  # autotune and compile outside the timing
-        ms_ours = _timed(benchmark, ours, use_benchmark=True, kernel_only=True)
-        peak = _harness.peak_extra_memory_gib(ours)
-        from facm_ext.kernels import attention_jvp_triton
+        # Both GPU kernels where the CUDA one applies (head_dim 64/72/80/96 with a score tangent), the default
+        # through pytest-benchmark; the ratio to SDPA is the default's.
+        default = attention_ops._forward_backend(q, tq, tk)
+        kernels = ["cuda", "triton"] if attention_ops._cuda_kernel_applies(q, tq, tk) else ["triton"]
+        ms_by_kernel = {}
+        for kernel in kernels:
+            monkeypatch.setenv("FACM_EXT_ATTN_KERNEL", kernel)
+            ours = functools.partial(attention_jvp, q, k, v, tq, tk, tv)
+            ours()  # autotune and compile outside the timing
+            ms = _timed(benchmark, ours, use_benchmark=kernel == default, kernel_only=True)
+            ms_by_kernel[kernel] = ms
+            peak = _harness.peak_extra_memory_gib(ours)
+            if kernel == "triton":
+                from facm_ext.kernels import attention_jvp_triton
 
-        best = getattr(attention_jvp_triton._attention_jvp_fwd_autotuned, "best_config", None)
-        config = f"{best.kwargs['BLOCK_M']}x{best.kwargs['BLOCK_N']} w{best.num_warps} s{best.num_stages}" if best else "-"
-        _row(group, case, "facm_ext attention_jvp (triton)", ms_ours, flops=flops, peak_gib=peak,
-             note=f"12NMd counted{' (only tq: 8NMd done)' if tangents == (True, False, False) else ''}; "
-                  f"head split {attention_jvp_triton.split_head_dim(head_dim)}; config {config}")
+                best = getattr(attention_jvp_triton._attention_jvp_fwd_autotuned, "best_config", None)
+                config = (f"{best.kwargs['BLOCK_M']}x{best.kwargs['BLOCK_N']} w{best.num_warps} s{best.num_stages}"
+                          if best else "-")
+                detail = f"head split {attention_jvp_triton.split_head_dim(head_dim)}; config {config}"
+            else:
+                detail = f"mma.sync, score GEMMs {(head_dim + 15) // 16 * 16} wide, 64x64 tiles, 4 warps"
+            _row(group, case, f"facm_ext attention_jvp ({kernel}{', default' if kernel == default else ''})", ms,
+                 flops=flops, peak_gib=peak,
+                 note=f"12NMd counted{' (only tq: 8NMd done)' if tangents == (True, False, False) else ''}; {detail}")
+        monkeypatch.delenv("FACM_EXT_ATTN_KERNEL")
+        ms_ours = ms_by_kernel[default]
 
         sdpa = functools.partial(F.scaled_dot_product_attention, q, k, v)
         sdpa()
         ms_sdpa = _harness.kernel_ms(sdpa)
         _row(group, case, "SDPA forward (primal only)", ms_sdpa, flops=flops / 3,
-             peak_gib=_harness.peak_extra_memory_gib(sdpa), note=f"ours/SDPA fwd = {ms_ours / ms_sdpa:.2f}x")
-
-        if head_dim % 16:
-            # Opt-in alignment hints (16-byte row loads of 72-wide heads), timed here so a GPU run measures them.
-            monkeypatch.setenv("FACM_EXT_ATTN_ALIGN_HINTS", "1")
-            ours()
-            _row(group, case, "facm_ext attention_jvp, FACM_EXT_ATTN_ALIGN_HINTS=1", _harness.kernel_ms(ours),
-                 flops=flops, note="opt-in alignment hints")
-            monkeypatch.delenv("FACM_EXT_ATTN_ALIGN_HINTS")
+             peak_gib=_harness.peak_extra_memory_gib(sdpa),
+             note="; ".join(f"{name}/SDPA fwd = {ms / ms_sdpa:.2f}x" for name, ms in ms_by_kernel.items()))
 
         math_gib = 6 * batch * heads * len_q * len_k * 4 / 2**30
         if math_gib > MATH_PATH_BUDGET_GIB:

@@ -1,7 +1,7 @@
 """attention_jvp against torch.func.jvp (and autograd) of the math attention in float64.
 
 CPU: the chunked reference path (fp64/fp32/fp16/bf16), validation, opcheck, torch.compile.
-GPU (requires_cuda): the Triton forward kernel and every backward backend, small shapes in detail and large shapes
+GPU (requires_cuda): the Triton and the CUDA C++ forward kernels and every backward backend, small shapes in detail and large shapes
 (``large`` in the name), each error bounded by the per-dtype tolerance AND by 2x the error of the math-path JVP
 (torch.func.jvp of the reference) run in the same dtype.
 The Triton kernels under the CPU interpreter are tested by test_attention_interpreter.py.
@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from conftest import REL_TOL, assert_rel_close, noncontiguous, rel_err, requires_cuda
+from conftest import REL_TOL, assert_rel_close, misaligned, noncontiguous, rel_err, requires_cuda
 from facm_ext.ops import attention_jvp
 from facm_ext.ops import attention as attention_ops
 from facm_ext.reference.attention import attention
@@ -183,6 +183,21 @@ def test_bad_inputs():
         attention_jvp(q, k, v, key_lengths=torch.tensor([1, 2, 3]))
 
 
+def test_forced_cuda_kernel_rejects_cpu_and_bad_switch(monkeypatch):
+    q, k, v, tq, *_ = _inputs(1, 2, 9, 12, 72, torch.float32, "cpu")
+    monkeypatch.setenv("FACM_EXT_ATTN_KERNEL", "cuda")
+    with pytest.raises(ValueError, match="q: the CUDA attention kernel .* needs CUDA tensors, got cpu"):
+        attention_jvp(q, k, v, tq)
+    monkeypatch.setenv("FACM_EXT_ATTN_KERNEL", "wgmma")
+    with pytest.raises(ValueError, match="FACM_EXT_ATTN_KERNEL: expected auto, cuda or triton, got 'wgmma'"):
+        attention_jvp(q, k, v, tq)
+    monkeypatch.setenv("FACM_EXT_ATTN_KERNEL", "triton")
+    o, to = attention_jvp(q, k, v, tq)  # CPU tensors: the switch between GPU kernels changes nothing here
+    ref_o, ref_to = _reference_jvp(q, k, v, tq, None, None)
+    assert_rel_close(o, ref_o, torch.float32, what="o")
+    assert_rel_close(to, ref_to, torch.float32, what="to")
+
+
 def test_forced_triton_rejects_unsupported(monkeypatch):
     monkeypatch.setenv("FACM_EXT_BACKEND", "triton")
     q, k, v, *_ = _inputs(1, 2, 9, 12, 100, torch.float16, "cpu")
@@ -227,7 +242,8 @@ GPU_CASES = [(torch.bfloat16, shape) for shape in GPU_SHAPES] + [(torch.float16,
 @requires_cuda
 @pytest.mark.parametrize("dtype,shape", GPU_CASES)
 @pytest.mark.parametrize("tangent_set", ["all", "tq_only", "tk_tv", "tv_only", "none"])
-def test_gpu_triton_forward(dtype, shape, tangent_set):
+def test_gpu_triton_forward(dtype, shape, tangent_set, monkeypatch):
+    monkeypatch.setenv("FACM_EXT_ATTN_KERNEL", "triton")
     q, k, v, tq, tk, tv = _inputs(*shape, dtype, "cuda", TANGENT_SETS[tangent_set])
     assert attention_ops._forward_backend(q) == "triton"
     o, to = attention_jvp(q, k, v, tq, tk, tv)
@@ -237,7 +253,9 @@ def test_gpu_triton_forward(dtype, shape, tangent_set):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("lengths", [[1, 130], [0, 77], [129, 64]])
-def test_gpu_triton_key_lengths_and_noncontiguous(dtype, lengths):
+@pytest.mark.parametrize("kernel", ["triton", "cuda"])
+def test_gpu_key_lengths_and_noncontiguous(dtype, lengths, kernel, monkeypatch):
+    monkeypatch.setenv("FACM_EXT_ATTN_KERNEL", kernel)
     q, k, v, tq, tk, tv = _inputs(2, 2, 45, 130, 72, dtype, "cuda")
     key_lengths = torch.tensor(lengths, device="cuda", dtype=torch.int32)
     args = [noncontiguous(x) for x in (q, k, v, tq, tk, tv)]
@@ -269,12 +287,76 @@ def test_gpu_align_hints(dtype, tangent_set, shape, lengths, monkeypatch):
     from facm_ext.kernels import attention_jvp_triton
 
     monkeypatch.setenv("FACM_EXT_ATTN_ALIGN_HINTS", "1")
+    monkeypatch.setenv("FACM_EXT_ATTN_KERNEL", "triton")
     q, k, v, tq, tk, tv = _inputs(*shape, dtype, "cuda", TANGENT_SETS[tangent_set])
     assert attention_jvp_triton._align_hints(q, k, v)
     key_lengths = None if lengths is None else torch.tensor(lengths, device="cuda")
     o, to = attention_jvp(q, k, v, tq, tk, tv, key_lengths=key_lengths)
     _check_against_math(o, to, (q, k, v, tq, tk, tv), dtype, key_lengths=key_lengths,
                         zero_tangent=tangent_set == "none")
+
+
+CUDA_KERNEL_SHAPES = [(2, 3, 1, 17, 72), (2, 2, 130, 130, 72), (1, 1, 64, 64, 72), (1, 2, 200, 1, 72),
+                      (2, 1, 65, 129, 72), (1, 2, 257, 64, 64), (1, 2, 100, 77, 80), (1, 2, 129, 200, 96)]
+CUDA_KERNEL_TANGENTS = {"all": (True, True, True), "tq_only": (True, False, False), "tk_tv": (False, True, True),
+                        "tq_tv": (True, False, True), "tk_only": (False, True, False)}
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", CUDA_KERNEL_SHAPES)
+@pytest.mark.parametrize("tangent_set", list(CUDA_KERNEL_TANGENTS))
+def test_gpu_cuda_forward(dtype, shape, tangent_set, monkeypatch):
+    monkeypatch.setenv("FACM_EXT_ATTN_KERNEL", "cuda")
+    q, k, v, tq, tk, tv = _inputs(*shape, dtype, "cuda", CUDA_KERNEL_TANGENTS[tangent_set])
+    assert attention_ops._forward_backend(q, tq, tk) == "cuda"
+    o, to = attention_jvp(q, k, v, tq, tk, tv)
+    _check_against_math(o, to, (q, k, v, tq, tk, tv), dtype)
+
+
+def _packed_views(*tensors):
+    """[B, H, L, D] tensors as views of one [B, L, n, H, D] buffer (the layout a fused qkv projection gives):
+    unit channel stride, strided rows, taken by the CUDA kernel without a copy."""
+    batch, heads, length, head_dim = tensors[0].shape
+    buf = torch.empty(batch, length, len(tensors), heads, head_dim, dtype=tensors[0].dtype, device=tensors[0].device)
+    views = []
+    for i, t in enumerate(tensors):
+        view = buf[:, :, i].permute(0, 2, 1, 3)
+        view.copy_(t)
+        views.append(view)
+    return views
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_cuda_strided_and_misaligned_operands(dtype, monkeypatch):
+    # Packed-qkv views go to the kernel as they are; a misaligned or channel-strided operand is copied first.
+    monkeypatch.setenv("FACM_EXT_ATTN_KERNEL", "cuda")
+    q, k, v, tq, tk, tv = _inputs(2, 3, 77, 77, 72, dtype, "cuda")
+    pq, pk, pv = _packed_views(q, k, v)
+    ptq, ptk, ptv = _packed_views(tq, tk, tv)
+    o, to = attention_jvp(pq, pk, pv, ptq, ptk, ptv)
+    _check_against_math(o, to, (q, k, v, tq, tk, tv), dtype)
+    o2, to2 = attention_jvp(misaligned(q), noncontiguous(k), v, tq, misaligned(tk), noncontiguous(tv))
+    assert torch.equal(o2, o) and torch.equal(to2, to)
+
+
+@requires_cuda
+def test_gpu_cuda_kernel_choice(monkeypatch):
+    q, k, v, tq, tk, tv = _inputs(1, 2, 33, 40, 72, torch.bfloat16, "cuda")
+    assert attention_ops._forward_backend(q, tq, tk) == "cuda"  # the default for head_dim 72
+    assert attention_ops._forward_backend(q, None, None) == "triton"  # no score tangent: Triton
+    monkeypatch.setenv("FACM_EXT_ATTN_KERNEL", "triton")
+    assert attention_ops._forward_backend(q, tq, tk) == "triton"
+    monkeypatch.setenv("FACM_EXT_ATTN_KERNEL", "cuda")
+    q128, *_ = _inputs(1, 2, 33, 40, 128, torch.bfloat16, "cuda")
+    with pytest.raises(ValueError, match="q: head_dim 128 is not supported by the CUDA attention kernel"):
+        attention_jvp(q128, q128, q128, q128)
+    q32 = q.float()
+    with pytest.raises(ValueError, match="q: dtype torch.float32 is not supported by the CUDA attention kernel"):
+        attention_jvp(q32, q32, q32, q32)
+    with pytest.raises(RuntimeError, match="attention_jvp_cuda: needs tq or tk"):
+        torch.ops.facm_ext.attention_jvp_cuda(q, k, v, None, None, tv, None, 0.1)
 
 
 @requires_cuda

@@ -2,6 +2,11 @@
 for the primal output.
 
 Backends (``python -m facm_ext.info`` lists them):
+- forward, ``cuda``: the CUDA C++ kernel ``facm_ext::attention_jvp_cuda`` (csrc/attention, mma.sync tensor cores)
+  for fp16/bf16 CUDA tensors with head_dim 64, 72, 80 or 96 and a score tangent (tq or tk): the score GEMMs run
+  the head rounded up to 16 (72 -> 80), the value GEMMs exactly D/8 column tiles. Default for the head dims in
+  ``_CUDA_DEFAULT_HEAD_DIMS`` (measured faster than the Triton kernel, benchmarks/RESULTS.md);
+  ``FACM_EXT_ATTN_KERNEL=cuda|triton`` picks one of the two GPU kernels wherever the CUDA one applies.
 - forward, ``triton``: one Triton kernel computes O, O' and the log-sum-exp (facm_ext/kernels/attention_jvp_triton.py)
   for fp16/bf16 CUDA tensors with 16 <= head_dim <= 128, head_dim % 8 == 0 (72 runs padded to 128 inside the kernel;
   see the kernel module for why the 64 + 16 split is not used).
@@ -25,12 +30,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from facm_ext import _env
+from facm_ext import _env, _extension
 from facm_ext.ops import _common
 
 _FAST_DTYPES = (torch.float16, torch.bfloat16)
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 128  # mirrors facm_ext.kernels.attention_jvp_triton (not imported here: Triton)
 _FLASH_BACKWARD_MAX_HEAD_DIM = 256
+_CUDA_KERNEL = "attention_jvp_cuda"
+_CUDA_HEAD_DIMS = frozenset({64, 72, 80, 96})  # compiled in csrc/attention/attention_jvp.cu
+# Head dims where the CUDA kernel is the default: 72 runs 80-wide score GEMMs there against 128-wide in Triton.
+_CUDA_DEFAULT_HEAD_DIMS = frozenset({72})
 _CUDNN_BACKWARD_MAX_HEAD_DIM = 128
 
 
@@ -45,12 +54,15 @@ _MATH_CHUNK_BYTES = 1 << 30
 _common.register_op_info(_common.OpInfo(
     name="attention_jvp",
     backends={
+        "cuda": "CUDA fp16/bf16, head_dim 64/72/80/96 with tq or tk given (default for head_dim 72; "
+                "FACM_EXT_ATTN_KERNEL=cuda|triton chooses)",
         "triton": "CUDA fp16/bf16, 16 <= head_dim <= 128, head_dim % 8 == 0 (non-powers of two padded in-kernel)",
         "reference": "CPU, fp32/fp64, other head dims: explicit JVP formulas in fp32, chunked over queries",
     },
-    notes="backward of O: aten flash backward with our lse (CUDA fp16/bf16, head_dim%8==0, no key_lengths), "
-          "else Triton flash backward, else chunked explicit backward; FACM_EXT_ATTN_BACKWARD=cudnn opts into "
-          "cuDNN's backward",
+    kernel=_CUDA_KERNEL,
+    notes="backward of O: cuDNN's attention backward with our lse (CUDA fp16/bf16, head_dim%8==0, <= 128, no "
+          "key_lengths), else PyTorch's flash backward, else the Triton flash backward (key_lengths), else the chunked "
+          "explicit backward; FACM_EXT_ATTN_BACKWARD=cudnn|flash|triton|reference forces one",
 ))
 
 
@@ -63,9 +75,29 @@ def _interpreting() -> bool:
     return _env.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _forward_backend(q: Tensor) -> str:
-    """'triton' or 'reference' for these inputs (the public function already rejected impossible forcings)."""
+@_env.per_snapshot
+def _kernel_choice() -> str:
+    """FACM_EXT_ATTN_KERNEL: 'auto' (default), 'cuda' or 'triton'."""
+    value = _env.get("FACM_EXT_ATTN_KERNEL", "auto").strip().lower() or "auto"
+    if value not in ("auto", "cuda", "triton"):
+        raise ValueError(f"FACM_EXT_ATTN_KERNEL: expected auto, cuda or triton, got {value!r}")
+    return value
+
+
+def _cuda_kernel_applies(q: Tensor, tq: Optional[Tensor], tk: Optional[Tensor]) -> bool:
+    """The CUDA kernel takes these inputs: fp16/bf16 CUDA, a compiled head dim, a score tangent, the extension."""
+    return (q.is_cuda and q.dtype in _FAST_DTYPES and q.shape[-1] in _CUDA_HEAD_DIMS
+            and (tq is not None or tk is not None) and _extension.has_kernel(_CUDA_KERNEL))
+
+
+def _forward_backend(q: Tensor, tq: Optional[Tensor] = None, tk: Optional[Tensor] = None) -> str:
+    """'cuda', 'triton' or 'reference' for these inputs (the public function already rejected impossible
+    forcings)."""
     forced = _common._forced_backend()
+    if forced in (None, "cuda") and _cuda_kernel_applies(q, tq, tk):
+        choice = "cuda" if forced == "cuda" else _kernel_choice()
+        if choice == "cuda" or (choice == "auto" and q.shape[-1] in _CUDA_DEFAULT_HEAD_DIMS):
+            return "cuda"
     head_ok = _triton_head_dim_ok(q.shape[-1])
     if forced == "triton" and _interpreting() and not q.is_cuda:
         return "triton"
@@ -224,11 +256,20 @@ def _aten_cudnn_backward(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Ten
 def _attention_jvp_op(q: Tensor, k: Tensor, v: Tensor, tq: Optional[Tensor], tk: Optional[Tensor],
                       tv: Optional[Tensor], key_lengths: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """-> (o [B, H, Lq, D] q.dtype, to [B, H, Lq, D] q.dtype, lse [B, H, Lq] fp32 (fp64 for fp64 inputs))."""
-    if _forward_backend(q) == "triton":
+    backend = _forward_backend(q, tq, tk)
+    if backend == "cuda":
+        return torch.ops.facm_ext.attention_jvp_cuda(q, k, v, tq, tk, tv, key_lengths, scale)
+    if backend == "triton":
         from facm_ext.kernels import attention_jvp_triton
 
         return attention_jvp_triton.attention_jvp_forward(q, k, v, tq, tk, tv, key_lengths, scale)
     return _math_forward(q, k, v, tq, tk, tv, key_lengths, scale)
+
+
+def _kernel_fake_registered() -> None:
+    @torch.library.register_fake("facm_ext::" + _CUDA_KERNEL)
+    def _(q, k, v, tq, tk, tv, key_lengths, scale):
+        return _attention_jvp_fake(q, k, v, tq, tk, tv, key_lengths, scale)
 
 
 @_attention_jvp_op.register_fake
@@ -238,6 +279,10 @@ def _attention_jvp_fake(q, k, v, tq, tk, tv, key_lengths, scale):
     to = q.new_empty((batch, heads, len_q, head_dim))
     lse = q.new_empty((batch, heads, len_q), dtype=_compute_dtype(q.dtype))
     return o, to, lse
+
+
+if _extension.has_kernel(_CUDA_KERNEL):
+    _kernel_fake_registered()
 
 
 @_common.jvp_custom_op("facm_ext::attention_jvp_backward")
@@ -307,6 +352,27 @@ def _check_inputs(q, k, v, tq, tk, tv, key_lengths):
         _common.check_same_device("q", q, key_lengths=key_lengths)
 
 
+def _check_forced_cuda(q: Tensor) -> None:
+    """FACM_EXT_ATTN_KERNEL=cuda on inputs the CUDA kernel can never take is an error; without a score tangent
+    (tq and tk None) the op still runs the Triton kernel, as documented. (FACM_EXT_BACKEND=cuda, the switch of
+    every op, only prefers the CUDA kernel where it applies.)"""
+    if _kernel_choice() != "cuda":
+        return
+    head_dim = q.shape[-1]
+    if not q.is_cuda:
+        raise ValueError(f"q: the CUDA attention kernel (FACM_EXT_ATTN_KERNEL=cuda) needs "
+                         f"CUDA tensors, got {q.device}")
+    if q.dtype not in _FAST_DTYPES:
+        raise ValueError(f"q: dtype {q.dtype} is not supported by the CUDA attention kernel; expected float16 or "
+                         f"bfloat16")
+    if head_dim not in _CUDA_HEAD_DIMS:
+        raise ValueError(f"q: head_dim {head_dim} is not supported by the CUDA attention kernel; expected one of "
+                         f"{sorted(_CUDA_HEAD_DIMS)}")
+    if not _extension.has_kernel(_CUDA_KERNEL):
+        raise ValueError(f"the CUDA attention kernel was requested but facm_ext._C has no {_CUDA_KERNEL} "
+                         f"(see python -m facm_ext.info)")
+
+
 def _check_forced_triton(q: Tensor) -> None:
     if _common._forced_backend() != "triton":
         return
@@ -338,6 +404,7 @@ def attention_jvp(q: Tensor, k: Tensor, v: Tensor, tq: Optional[Tensor] = None, 
     _check_inputs(q, k, v, tq, tk, tv, key_lengths)
     if not torch.compiler.is_compiling():
         _check_forced_triton(q)
+        _check_forced_cuda(q)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     o, to, _lse = _attention_jvp_op(q, k, v, tq, tk, tv, key_lengths, float(scale))
