@@ -3,8 +3,8 @@
 //
 // Math (docs jvp_math.md, "Softmax attention"), per query row and key tile, base-2 scores s = tau log2(e) q.k:
 //   P~ = exp2(s - m), S' = tau (q'.k + q.k') (natural units), l = sum P~, r = sum P~ S',
-//   Acc_O = sum P~ v, Acc_T = sum P~ (S' - c) v + P~ v' with c the running r / l (see the kernel), all four
-//   rescaled by exp2(m_old - m_new) when the max moves.
+//   Acc_O = sum P~ v, Acc_T = sum P~ (S' - c) v + P~ v' with c the first key tile's r / l (see the kernel), all
+//   four rescaled by exp2(m_old - m_new) when the max moves.
 //   Epilogue: O = Acc_O / l, O' = Acc_T / l - (r / l - c) O, lse = (m + log2 l) ln 2.
 //
 // Tiling: a CTA of 4 warps owns 64 query rows (16 per warp) of one (batch, head) and walks the keys in tiles of 64
@@ -220,9 +220,11 @@ __global__ void __launch_bounds__(kThreads, 2) attention_jvp_kernel(AttentionJvp
   // Rows `group` (index 0) and `group + 8` (index 1) of the warp's 16: running max (base-2 units) and this lane's
   // partial sums of P~ and P~ S' over its columns (reduced across the quad in the epilogue).
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f}, row_r[2] = {0.f, 0.f};
-  // The tangent accumulator is centred: Acc_T = sum P~ (S' - c) v + P~ v' with c the running estimate of
-  // mu = r / l, so the bf16 operand P~ (S' - c) of its GEMM is small where S' is close to its mean (one key: exactly
-  // 0, and O' = V' exactly, as in the math path). Moving c from c_old to c_new adds (c_old - c_new) Acc_O.
+  // The tangent accumulator is centred: Acc_T = sum P~ (S' - c) v + P~ v' with c = the first key tile's
+  // r / l, so the bf16 operand P~ (S' - c) of its GEMM is small where S' is close to its mean (one tile of keys:
+  // c = mu, and one key gives O' = V' exactly, as the math path does). c is fixed after the first tile (moving it
+  // would cost a quad reduction and an update of Acc_T per tile: +7% at L 1024); the epilogue subtracts the
+  // remainder (mu - c) O in fp32.
   float centre[2] = {0.f, 0.f};
   const float scale_log2 = a.scale * kLog2e;
 
@@ -312,13 +314,12 @@ __global__ void __launch_bounds__(kThreads, 2) attention_jvp_kernel(AttentionJvp
         s[n][i] = p;
       }
     }
-    float shift[2];
+    if (j == 0) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float l = quad_sum(row_sum[r]);
-      const float new_centre = l > 0.f ? quad_sum(row_r[r]) / l : 0.f;
-      shift[r] = centre[r] - new_centre;
-      centre[r] = new_centre;
+      for (int r = 0; r < 2; ++r) {
+        const float l = quad_sum(row_sum[r]);
+        centre[r] = l > 0.f ? quad_sum(row_r[r]) / l : 0.f;
+      }
     }
 #pragma unroll
     for (int n = 0; n < kNTiles; ++n)
@@ -329,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_jvp_kernel(AttentionJvp
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         acc_o[d][i] *= rescale[i / 2];
-        acc_t[d][i] = acc_t[d][i] * rescale[i / 2] + shift[i / 2] * acc_o[d][i];
+        acc_t[d][i] *= rescale[i / 2];
       }
     }
 
@@ -374,7 +375,7 @@ __global__ void __launch_bounds__(kThreads, 2) attention_jvp_kernel(AttentionJvp
     __syncthreads();  // this stage is overwritten by the load issued in iteration j + 1
   }
 
-  // Epilogue: O = Acc_O / l, O' = Acc_T / l - (mu - c) O with mu = r / l (c = mu up to rounding). The rows go
+  // Epilogue: O = Acc_O / l, O' = Acc_T / l - (mu - c) O with mu = r / l. The rows go
   // through shared memory (stage 0's K and V tiles, free after the loop's last barrier) so the global stores are
   // 16-byte row chunks.
   const int64_t row_base = (b * a.heads + h) * a.len_q;
