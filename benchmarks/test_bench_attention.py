@@ -147,6 +147,35 @@ def test_bench_attention_jvp(benchmark, case, monkeypatch):
              peak_gib=_harness.peak_extra_memory_gib(compiled))
 
 
+# Head dims the CUDA kernel also compiles (64, 80, 96), timed against the Triton kernel and SDPA forward to decide
+# which kernel is the default for them (attention._CUDA_DEFAULT_HEAD_DIMS). No math-path rows: not a target shape.
+HEAD_DIM_CASES = {f"B16_H16_L{length}_D{head_dim}": (16, 16, length, length, head_dim, (True, True, True))
+                  for head_dim in (64, 80, 96) for length in (256, 1024)}
+
+
+@pytest.mark.parametrize("case", list(HEAD_DIM_CASES))
+def test_bench_attention_jvp_head_dims(benchmark, case, monkeypatch):
+    _harness.require_cuda()
+    batch, heads, len_q, len_k, head_dim, tangents = HEAD_DIM_CASES[case]
+    flops = _jvp_flops(batch, heads, len_q, len_k, head_dim)
+    q, k, v, tq, tk, tv = _make(batch, heads, len_q, len_k, head_dim, tangents)
+    group = "attention_jvp_head_dims"
+    with torch.no_grad():
+        sdpa = functools.partial(F.scaled_dot_product_attention, q, k, v)
+        sdpa()
+        ms_sdpa = _harness.kernel_ms(sdpa)
+        _row(group, case, "SDPA forward (primal only)", ms_sdpa, flops=flops / 3)
+        default = attention_ops._forward_backend(q, tq, tk)
+        for kernel in ("cuda", "triton"):
+            monkeypatch.setenv("FACM_EXT_ATTN_KERNEL", kernel)
+            ours = functools.partial(attention_jvp, q, k, v, tq, tk, tv)
+            ours()
+            ms = _timed(benchmark, ours, use_benchmark=kernel == default, kernel_only=True)
+            _row(group, case, f"facm_ext attention_jvp ({kernel}{', default' if kernel == default else ''})", ms,
+                 flops=flops, note=f"{ms / ms_sdpa:.2f}x SDPA fwd")
+        monkeypatch.delenv("FACM_EXT_ATTN_KERNEL")
+
+
 BACKWARD_CASES = ["B1_L4096_D128", "lightningdit_B64", "dit_xl2_512px_B16", "wan_cross_Lk512_tq_only"]
 
 
