@@ -16,68 +16,29 @@ import sys
 import time
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness  # noqa: E402
 import test_bench_jvp_models as models_bench  # noqa: E402
 
-import facm_ext  # noqa: E402
-
 
 def run_batch(model, batch: int, *, compiled_baseline: bool, started: float) -> None:
-    case = f"LightningDiT-XL/1 B={batch} L=256 bf16-autocast"
-    gen = torch.Generator(device="cuda").manual_seed(batch)
-    x = torch.randn(batch, 32, 16, 16, device="cuda", generator=gen)
-    t = torch.rand(batch, device="cuda", generator=gen)
-    y = torch.randint(0, 1000, (batch,), device="cuda", generator=gen)
-    v = torch.randn(x.shape, device="cuda", generator=gen)
-    one = torch.ones_like(t)
-    fwd_flops, jvp_flops = models_bench._lightningdit_flops(model, batch)
-
-    def func(x, t):
-        return model(x, t, y)
-
-    def plain_forward():
-        with torch.no_grad(), models_bench._autocast():
-            func(x, t)
-
-    def plain_forward_backward():
-        with models_bench._autocast():
-            out = func(x, t)
-        models_bench._loss(out).backward()
-        model.zero_grad(set_to_none=True)
-
-    def ours_no_grad():
-        with torch.no_grad(), models_bench._autocast():
-            facm_ext.jvp(func, (x, t), (v, one))
-
-    def ours_grad_backward():
-        with models_bench._autocast():
-            out, tangent = facm_ext.jvp(func, (x, t), (v, one))
-        models_bench._loss(out, tangent).backward()
-        model.zero_grad(set_to_none=True)
-
-    fwd_ms, _ = models_bench._measure(case, "plain forward, no grad", plain_forward, flops=fwd_flops)
-    fb_ms, fb_peak = models_bench._measure(case, "plain forward + backward", plain_forward_backward,
-                                           flops=3 * fwd_flops)
-    models_bench._measure(case, "facm_ext.jvp, no grad", ours_no_grad, flops=jvp_flops)
-    gb_ms, gb_peak = models_bench._measure(case, "facm_ext.jvp with grad + backward", ours_grad_backward,
-                                           flops=jvp_flops + 2 * fwd_flops)
+    steps = models_bench.lightningdit_steps(model, batch)
+    case = steps.case
+    fwd_ms, _ = models_bench._measure(case, "plain forward, no grad", steps.plain_forward, flops=steps.fwd_flops)
+    fb_ms, fb_peak = models_bench._measure(case, "plain forward + backward", steps.plain_forward_backward,
+                                           flops=3 * steps.fwd_flops)
+    models_bench._measure(case, "facm_ext.jvp, no grad", steps.ours_no_grad, flops=steps.jvp_flops)
+    gb_ms, gb_peak = models_bench._measure(case, "facm_ext.jvp with grad + backward", steps.ours_grad_backward,
+                                           flops=steps.jvp_flops + 2 * steps.fwd_flops)
     _harness.RESULTS[-1]["note"] = f"{gb_ms / fb_ms:.2f}x time, {gb_peak / fb_peak:.2f}x peak of plain fwd+bwd"
-    models_bench._measure_graphed(case, model, func, (x, t), (v, one), fwd_ms=fwd_ms, fb_ms=fb_ms, fb_peak=fb_peak,
-                                  fwd_flops=fwd_flops, jvp_flops=jvp_flops)
+    models_bench._measure_graphed(case, model, steps.func, steps.primals, steps.tangents, fwd_ms=fwd_ms, fb_ms=fb_ms,
+                                  fb_peak=fb_peak, fwd_flops=steps.fwd_flops, jvp_flops=steps.jvp_flops)
     if not compiled_baseline:
         return
-    compiled_jvp = torch.compile(lambda x, t, v, one: torch.func.jvp(func, (x, t), (v, one)), dynamic=False)
-
-    def compiled_no_grad():
-        with torch.no_grad(), models_bench._autocast(), sdpa_kernel(SDPBackend.MATH):
-            compiled_jvp(x, t, v, one)
-
     print(f"[{time.time() - started:.0f} s] compiling torch.func.jvp at B={batch}", flush=True)
-    models_bench._measure(case, "torch.compile(torch.func.jvp), math SDPA, no grad", compiled_no_grad,
-                          flops=jvp_flops)
+    models_bench._measure(case, "torch.compile(torch.func.jvp), math SDPA, no grad", steps.compiled_no_grad,
+                          flops=steps.jvp_flops)
     torch._dynamo.reset()
 
 

@@ -81,6 +81,37 @@ def _timed(benchmark, fn, *, use_benchmark: bool, kernel_only: bool = False):
     return _harness.kernel_ms(fn) if kernel_only else _harness.median_ms(fn)
 
 
+def _kernel_detail(kernel: str, head_dim: int) -> str:
+    if kernel == "cuda":
+        return f"mma.sync, score GEMMs {(head_dim + 15) // 16 * 16} wide, 64x64 tiles, 4 warps"
+    from facm_ext.kernels import attention_jvp_triton
+
+    best = getattr(attention_jvp_triton._attention_jvp_fwd_autotuned, "best_config", None)
+    config = f"{best.kwargs['BLOCK_M']}x{best.kwargs['BLOCK_N']} w{best.num_warps} s{best.num_stages}" if best else "-"
+    return f"head split {attention_jvp_triton.split_head_dim(head_dim)}; config {config}"
+
+
+def _time_kernels(benchmark, monkeypatch, inputs, *, flops, group, case, note) -> dict:
+    """attention_jvp with each GPU kernel that takes ``inputs`` (the CUDA one where it applies: head_dim 64/72/80/96
+    with a score tangent; the Triton one always), kernel times, the default through pytest-benchmark; one row each
+    with ``note(kernel, ms)`` and peak extra memory. -> {kernel: ms}."""
+    q, k, v, tq, tk, tv = inputs
+    default = attention_ops._forward_backend(q, tq, tk)
+    kernels = ["cuda", "triton"] if attention_ops._cuda_kernel_applies(q, tq, tk) else ["triton"]
+    times = {}
+    for kernel in kernels:
+        monkeypatch.setenv("FACM_EXT_ATTN_KERNEL", kernel)
+        ours = functools.partial(attention_jvp, q, k, v, tq, tk, tv)
+        ours()  # autotune and compile outside the timing
+        ms = _timed(benchmark, ours, use_benchmark=kernel == default, kernel_only=True)
+        times[kernel] = ms
+        _row(group, case, f"facm_ext attention_jvp ({kernel}{', default' if kernel == default else ''})", ms,
+             flops=flops, peak_gib=_harness.peak_extra_memory_gib(ours),
+             note=f"{note(kernel, ms)}; {_kernel_detail(kernel, q.shape[-1])}")
+    monkeypatch.delenv("FACM_EXT_ATTN_KERNEL")
+    return times
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bench_attention_jvp(benchmark, case, monkeypatch):
     _harness.require_cuda()
@@ -90,32 +121,9 @@ def test_bench_attention_jvp(benchmark, case, monkeypatch):
     group = "attention_jvp"
 
     with torch.no_grad():
-        # Both GPU kernels where the CUDA one applies (head_dim 64/72/80/96 with a score tangent), the default
-        # through pytest-benchmark; the ratio to SDPA is the default's.
-        default = attention_ops._forward_backend(q, tq, tk)
-        kernels = ["cuda", "triton"] if attention_ops._cuda_kernel_applies(q, tq, tk) else ["triton"]
-        ms_by_kernel = {}
-        for kernel in kernels:
-            monkeypatch.setenv("FACM_EXT_ATTN_KERNEL", kernel)
-            ours = functools.partial(attention_jvp, q, k, v, tq, tk, tv)
-            ours()  # autotune and compile outside the timing
-            ms = _timed(benchmark, ours, use_benchmark=kernel == default, kernel_only=True)
-            ms_by_kernel[kernel] = ms
-            peak = _harness.peak_extra_memory_gib(ours)
-            if kernel == "triton":
-                from facm_ext.kernels import attention_jvp_triton
-
-                best = getattr(attention_jvp_triton._attention_jvp_fwd_autotuned, "best_config", None)
-                config = (f"{best.kwargs['BLOCK_M']}x{best.kwargs['BLOCK_N']} w{best.num_warps} s{best.num_stages}"
-                          if best else "-")
-                detail = f"head split {attention_jvp_triton.split_head_dim(head_dim)}; config {config}"
-            else:
-                detail = f"mma.sync, score GEMMs {(head_dim + 15) // 16 * 16} wide, 64x64 tiles, 4 warps"
-            _row(group, case, f"facm_ext attention_jvp ({kernel}{', default' if kernel == default else ''})", ms,
-                 flops=flops, peak_gib=peak,
-                 note=f"12NMd counted{' (only tq: 8NMd done)' if tangents == (True, False, False) else ''}; {detail}")
-        monkeypatch.delenv("FACM_EXT_ATTN_KERNEL")
-        ms_ours = ms_by_kernel[default]
+        counted = f"12NMd counted{' (only tq: 8NMd done)' if tangents == (True, False, False) else ''}"
+        ms_by_kernel = _time_kernels(benchmark, monkeypatch, (q, k, v, tq, tk, tv), flops=flops, group=group,
+                                     case=case, note=lambda kernel, ms: counted)
 
         sdpa = functools.partial(F.scaled_dot_product_attention, q, k, v)
         sdpa()
@@ -165,15 +173,8 @@ def test_bench_attention_jvp_head_dims(benchmark, case, monkeypatch):
         sdpa()
         ms_sdpa = _harness.kernel_ms(sdpa)
         _row(group, case, "SDPA forward (primal only)", ms_sdpa, flops=flops / 3)
-        default = attention_ops._forward_backend(q, tq, tk)
-        for kernel in ("cuda", "triton"):
-            monkeypatch.setenv("FACM_EXT_ATTN_KERNEL", kernel)
-            ours = functools.partial(attention_jvp, q, k, v, tq, tk, tv)
-            ours()
-            ms = _timed(benchmark, ours, use_benchmark=kernel == default, kernel_only=True)
-            _row(group, case, f"facm_ext attention_jvp ({kernel}{', default' if kernel == default else ''})", ms,
-                 flops=flops, note=f"{ms / ms_sdpa:.2f}x SDPA fwd")
-        monkeypatch.delenv("FACM_EXT_ATTN_KERNEL")
+        _time_kernels(benchmark, monkeypatch, (q, k, v, tq, tk, tv), flops=flops, group=group, case=case,
+                      note=lambda kernel, ms: f"{ms / ms_sdpa:.2f}x SDPA fwd")
 
 
 BACKWARD_CASES = ["B1_L4096_D128", "lightningdit_B64", "dit_xl2_512px_B16", "wan_cross_Lk512_tq_only"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import gc
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -173,11 +174,10 @@ def _measure_graphed(case, model, func, primals, tangents, *, fwd_ms, fb_ms, fb_
         _release()
 
 
-@pytest.mark.parametrize("batch", LIGHTNINGDIT_BATCHES)
-def test_bench_jvp_lightningdit_xl(benchmark, batch):
-    _harness.require_cuda()
-    model = _lightningdit()
-    case = f"LightningDiT-XL/1 B={batch} L=256 bf16-autocast"
+def lightningdit_steps(model, batch: int) -> SimpleNamespace:
+    """The LightningDiT-XL/1 case at ``batch``: inputs (seeded by the batch size), FLOP counts and one callable per
+    timed variant (plain forward / forward + backward, facm_ext.jvp, eager and compiled torch.func.jvp with math
+    SDPA, each without grad and with grad + backward), all under bf16 autocast. Shared with models_lightningdit.py."""
     gen = torch.Generator(device="cuda").manual_seed(batch)
     x = torch.randn(batch, 32, 16, 16, device="cuda", generator=gen)
     t = torch.rand(batch, device="cuda", generator=gen)
@@ -230,6 +230,27 @@ def test_bench_jvp_lightningdit_xl(benchmark, batch):
             out, tangent = compiled_jvp(x, t, v, one)
         _loss(out, tangent).backward()
         model.zero_grad(set_to_none=True)
+
+    return SimpleNamespace(
+        case=f"LightningDiT-XL/1 B={batch} L=256 bf16-autocast", func=func, primals=(x, t), tangents=(v, one),
+        fwd_flops=fwd_flops, jvp_flops=jvp_flops, plain_forward=plain_forward,
+        plain_forward_backward=plain_forward_backward, ours_no_grad=ours_no_grad,
+        ours_grad_backward=ours_grad_backward, torch_func_no_grad=torch_func_no_grad,
+        torch_func_grad_backward=torch_func_grad_backward, compiled_no_grad=compiled_no_grad,
+        compiled_grad_backward=compiled_grad_backward)
+
+
+@pytest.mark.parametrize("batch", LIGHTNINGDIT_BATCHES)
+def test_bench_jvp_lightningdit_xl(benchmark, batch):
+    _harness.require_cuda()
+    model = _lightningdit()
+    steps = lightningdit_steps(model, batch)
+    case, func, fwd_flops, jvp_flops = steps.case, steps.func, steps.fwd_flops, steps.jvp_flops
+    (x, t), (v, one) = steps.primals, steps.tangents
+    plain_forward, plain_forward_backward = steps.plain_forward, steps.plain_forward_backward
+    ours_no_grad, ours_grad_backward = steps.ours_no_grad, steps.ours_grad_backward
+    torch_func_no_grad, torch_func_grad_backward = steps.torch_func_no_grad, steps.torch_func_grad_backward
+    compiled_no_grad, compiled_grad_backward = steps.compiled_no_grad, steps.compiled_grad_backward
 
     _record_fusion(case, func, (x, t), (v, one))
     fwd_ms, _ = _measure(case, "plain forward, no grad", plain_forward, flops=fwd_flops)

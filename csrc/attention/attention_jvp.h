@@ -10,16 +10,12 @@
 
 #include <cuda_runtime.h>
 
+#include "../common/operand4.h"
 #include "../pointwise/pointwise_jvp.h"
 
 namespace facm_ext::attention {
 
 using pointwise::DType;
-
-struct Operand4 {
-  const void* ptr = nullptr;  // null: absent (zero) tangent
-  int64_t stride_b = 0, stride_h = 0, stride_l = 0;
-};
 
 struct AttentionJvpArgs {
   int64_t batches = 0, heads = 0, len_q = 0, len_k = 0, head_dim = 0;
