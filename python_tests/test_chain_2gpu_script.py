@@ -30,3 +30,5 @@ def test_chain_2gpu_smoke_reports_every_mode():
         assert rows, f"no {mode} row in:\n{out[-3000:]}"
         # the last column is the most blocks gathered at once: never more than 1 + prefetch (prefetch 1)
         assert all(int(row.rstrip(" |").rsplit("|", 1)[-1]) <= 2 for row in rows), rows
+    for label in ("grad step", r"plain fwd\+bwd step \(FSDP2 alone\)"):
+        assert re.search(rf"^{label} profile: all-gather kernels", out, flags=re.MULTILINE), out[-3000:]
