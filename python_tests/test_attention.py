@@ -360,6 +360,18 @@ def test_gpu_cuda_kernel_choice(monkeypatch):
 
 
 @requires_cuda
+def test_gpu_cuda_kernel_op_opcheck():
+    # The compiled kernel op itself: schema, fake implementation (shapes, strides, dtypes) against the real one.
+    if not attention_ops._extension.has_kernel(attention_ops._CUDA_KERNEL):
+        pytest.skip("facm_ext._C has no CUDA attention kernel")
+    kernel = getattr(torch.ops.facm_ext, attention_ops._CUDA_KERNEL).default
+    q, k, v, tq, tk, tv = _inputs(2, 3, 33, 70, 72, torch.bfloat16, "cuda")
+    lengths = torch.tensor([70, 9], device="cuda")
+    torch.library.opcheck(kernel, (q, k, v, tq, tk, tv, None, 0.1))
+    torch.library.opcheck(kernel, (q, k, v, tq, None, None, lengths, 0.1))
+
+
+@requires_cuda
 def test_gpu_fp32_and_unsupported_head_dim_use_the_math_path():
     q, k, v, tq, tk, tv = _inputs(1, 2, 33, 40, 72, torch.float32, "cuda")
     assert attention_ops._forward_backend(q) == "reference"
