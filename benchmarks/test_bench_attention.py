@@ -164,16 +164,14 @@ HEAD_DIM_CASES = {f"B16_H16_L{length}_D{head_dim}": (16, 16, length, length, hea
 @pytest.mark.parametrize("case", list(HEAD_DIM_CASES))
 def test_bench_attention_jvp_head_dims(benchmark, case, monkeypatch):
     _harness.require_cuda()
-    batch, heads, len_q, len_k, head_dim, tangents = HEAD_DIM_CASES[case]
-    flops = _jvp_flops(batch, heads, len_q, len_k, head_dim)
-    q, k, v, tq, tk, tv = _make(batch, heads, len_q, len_k, head_dim, tangents)
-    group = "attention_jvp_head_dims"
+    flops = _jvp_flops(*HEAD_DIM_CASES[case][:5])
+    inputs = _make(*HEAD_DIM_CASES[case])
     with torch.no_grad():
-        sdpa = functools.partial(F.scaled_dot_product_attention, q, k, v)
+        sdpa = functools.partial(F.scaled_dot_product_attention, *inputs[:3])
         sdpa()
         ms_sdpa = _harness.kernel_ms(sdpa)
-        _row(group, case, "SDPA forward (primal only)", ms_sdpa, flops=flops / 3)
-        _time_kernels(benchmark, monkeypatch, (q, k, v, tq, tk, tv), flops=flops, group=group, case=case,
+        _row("attention_jvp_head_dims", case, "SDPA forward (primal only)", ms_sdpa, flops=flops / 3)
+        _time_kernels(benchmark, monkeypatch, inputs, flops=flops, group="attention_jvp_head_dims", case=case,
                       note=lambda kernel, ms: f"{ms / ms_sdpa:.2f}x SDPA fwd")
 
 
