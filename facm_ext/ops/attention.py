@@ -360,8 +360,7 @@ def _check_forced_cuda(q: Tensor) -> None:
         return
     head_dim = q.shape[-1]
     if not q.is_cuda:
-        raise ValueError(f"q: the CUDA attention kernel (FACM_EXT_ATTN_KERNEL=cuda) needs "
-                         f"CUDA tensors, got {q.device}")
+        raise ValueError(f"q: the CUDA attention kernel (FACM_EXT_ATTN_KERNEL=cuda) needs CUDA tensors, got {q.device}")
     if q.dtype not in _FAST_DTYPES:
         raise ValueError(f"q: dtype {q.dtype} is not supported by the CUDA attention kernel; expected float16 or "
                          f"bfloat16")
