@@ -232,3 +232,97 @@ def nccl_kernel_overlap(trace_path: str) -> dict:
     return dict(compute_kernel_ms=compute_us / 1e3, allgather_kernel_ms=gather_ms, allgather_overlap=gather_share,
                 allgather_kernels=gather_count, reducescatter_kernel_ms=scatter_ms,
                 reducescatter_overlap=scatter_share, reducescatter_kernels=scatter_count)
+
+
+def _merge(intervals) -> list[list[float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
+
+def _covered_us(start: float, end: float, merged: list[list[float]]) -> float:
+    covered = 0.0
+    for m_start, m_end in merged:
+        if m_end <= start:
+            continue
+        if m_start >= end:
+            break
+        covered += min(end, m_end) - max(start, m_start)
+    return covered
+
+
+def phase_timeline(trace_path: str) -> dict:
+    """Where the GPU time of one training step goes, split into the forward and the backward phase.
+
+    A kernel belongs to the phase of the host thread that launched it (the CUDA runtime/driver event with the same
+    correlation id): the thread that launched the first kernel is the forward's, every other thread (autograd's
+    engine thread) the backward's. Per phase (keys ``{phase}_...``, phase in forward/backward), in ms:
+
+    - ``span``: first kernel start to last kernel end;
+    - ``compute``: time during which some compute (non-NCCL) kernel runs;
+    - ``exposed_comm``: time during which an NCCL kernel runs and no compute kernel does;
+    - ``idle``: time during which no kernel runs at all (the GPU waits for the host);
+    - ``allgather`` / ``reducescatter``: their kernel time; ``..._exposed``: the part not covered by compute.
+
+    Also ``between_ms``: from the forward's last kernel end to the backward's first kernel start."""
+    with open(trace_path) as f:
+        events = json.load(f).get("traceEvents", [])
+    launch_thread = {}
+    for e in events:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in (e.get("args") or {}):
+            launch_thread[e["args"]["correlation"]] = e.get("tid")
+    kernels = sorted((e for e in events if e.get("cat") == "kernel" and "dur" in e), key=lambda e: e["ts"])
+    if not kernels:
+        return {}
+    forward_thread = launch_thread.get((kernels[0].get("args") or {}).get("correlation"))
+    phases: dict[str, list[dict]] = {"forward": [], "backward": []}
+    for e in kernels:
+        thread = launch_thread.get((e.get("args") or {}).get("correlation"))
+        phases["forward" if thread == forward_thread else "backward"].append(e)
+    result: dict[str, float] = {}
+    for phase, members in phases.items():
+        if not members:
+            continue
+        start = min(e["ts"] for e in members)
+        end = max(e["ts"] + e["dur"] for e in members)
+        compute = _merge((e["ts"], e["ts"] + e["dur"]) for e in members if "nccl" not in e["name"].lower())
+        everything = _merge((e["ts"], e["ts"] + e["dur"]) for e in members)
+        compute_us = sum(b - a for a, b in compute)
+        busy_us = sum(b - a for a, b in everything)
+        result[f"{phase}_span_ms"] = (end - start) / 1e3
+        result[f"{phase}_compute_ms"] = compute_us / 1e3
+        result[f"{phase}_exposed_comm_ms"] = (busy_us - compute_us) / 1e3
+        result[f"{phase}_idle_ms"] = (end - start - busy_us) / 1e3
+        for kind in ("allgather", "reducescatter"):
+            mine = [(e["ts"], e["ts"] + e["dur"]) for e in members
+                    if "nccl" in e["name"].lower() and kind in e["name"].lower()]
+            total = sum(b - a for a, b in mine)
+            exposed = sum((b - a) - _covered_us(a, b, compute) for a, b in mine)
+            result[f"{phase}_{kind}_ms"] = total / 1e3
+            result[f"{phase}_{kind}_exposed_ms"] = exposed / 1e3
+    if phases["forward"] and phases["backward"]:
+        forward_end = max(e["ts"] + e["dur"] for e in phases["forward"])
+        backward_start = min(e["ts"] for e in phases["backward"])
+        result["between_ms"] = (backward_start - forward_end) / 1e3
+    return result
+
+
+def format_phase_timeline(timeline: dict) -> str:
+    """One line per phase of :func:`phase_timeline`'s result."""
+    lines = []
+    for phase in ("forward", "backward"):
+        if f"{phase}_span_ms" not in timeline:
+            continue
+        lines.append(
+            f"{phase}: span {timeline[phase + '_span_ms']:.1f} ms = compute {timeline[phase + '_compute_ms']:.1f} + "
+            f"exposed comm {timeline[phase + '_exposed_comm_ms']:.1f} + idle {timeline[phase + '_idle_ms']:.1f}; "
+            f"all-gather {timeline[phase + '_allgather_ms']:.1f} ms ({timeline[phase + '_allgather_exposed_ms']:.1f} "
+            f"exposed), reduce-scatter {timeline[phase + '_reducescatter_ms']:.1f} ms "
+            f"({timeline[phase + '_reducescatter_exposed_ms']:.1f} exposed)")
+    if "between_ms" in timeline:
+        lines.append(f"forward end to backward start: {timeline['between_ms']:.1f} ms")
+    return "\n".join(lines)

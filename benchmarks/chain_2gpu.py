@@ -18,7 +18,9 @@ A14B blocks and as many blocks as make gathering the whole model on one GPU impo
   saved activations of every block), the activation terms measured on one unsharded block on this GPU;
 - counts all-gathers per block and the most blocks gathered at once (GatherMonitor);
 - profiles one grad-mode iteration and one plain forward + backward of the same FSDP2 model (torch.profiler) and
-  reports how much of the NCCL all-gather / reduce-scatter kernel time overlaps compute kernels on the GPU timeline;
+  reports how much of the NCCL all-gather / reduce-scatter kernel time overlaps compute kernels on the GPU timeline,
+  and splits each step's GPU timeline into forward and backward (compute, exposed communication, idle GPU), for
+  the same two steps on one GPU too, so a lost overlap can be located;
 - on rank 0 alone, without FSDP, runs the same per-GPU batch through a bf16 copy of the model (for Wan, of as
   many blocks as fit on one GPU, compared per block) and reports chain speed relative to it (target >= 0.9x); the
   plain rows' ratio is FSDP2's own speed against one GPU, the ceiling the chain's ratio can be read against.
@@ -185,6 +187,21 @@ def local_bytes(params) -> int:
     return total
 
 
+def profile_step(step, device, rank: int) -> tuple[dict, dict]:
+    """One call of ``step`` under torch.profiler: (NCCL kernel overlap, forward/backward phase timeline)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = os.path.join(tmp, f"trace{rank}.json")
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        prof.export_chrome_trace(trace)
+        return kernel_overlap(trace), _harness.phase_timeline(trace)
+
+
 def kernel_overlap(trace_path: str) -> dict:
     """All-gather / reduce-scatter kernel time of a chrome trace and the share overlapped by compute kernels."""
     overlap = _harness.nccl_kernel_overlap(trace_path)
@@ -301,17 +318,9 @@ def run_model(spec, args, rank: int, device) -> dict:
 
     # The grad step and FSDP2's own forward + backward of the same model, so their overlap can be compared.
     for mode, prefix in (("grad", ""), ("plain_grad", "plain_grad_")):
-        with tempfile.TemporaryDirectory() as tmp:
-            trace = os.path.join(tmp, f"trace{rank}.json")
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if device.type == "cuda":
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            with torch.profiler.profile(activities=activities) as prof:
-                steps[mode]()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-            prof.export_chrome_trace(trace)
-            result.update({prefix + key: value for key, value in kernel_overlap(trace).items()})
+        overlap, timeline = profile_step(steps[mode], device, rank)
+        result.update({prefix + key: value for key, value in overlap.items()})
+        result[f"{mode}_timeline"] = timeline
         model.zero_grad(set_to_none=True)
     del model, steps, primals, tangents, extra
     if device.type == "cuda":
@@ -342,6 +351,9 @@ def run_baseline(spec, args, device) -> dict:
         steps[mode]()
         result[f"baseline_{mode}_ms"] = timed(steps[mode], warmup=args.warmup, iters=args.iters)
         result[f"baseline_{mode}_peak_gib"] = peak_gib(steps[mode])
+        model.zero_grad(set_to_none=True)
+    for mode in ("grad", "plain_grad"):
+        result[f"baseline_{mode}_timeline"] = profile_step(steps[mode], device, 0)[1]
         model.zero_grad(set_to_none=True)
     result["activations"] = activation_terms(spec, model, device)
     del model, steps
@@ -396,6 +408,11 @@ def print_table(r: dict, prefetch: int) -> None:
         print(f"{label} profile: all-gather kernels {r[prefix + 'allgather_ms']:.1f} ms, "
               f"{100 * r[prefix + 'allgather_overlap']:.0f}% overlapped with compute; reduce-scatter "
               f"{r[prefix + 'reducescatter_ms']:.1f} ms, {100 * r[prefix + 'reducescatter_overlap']:.0f}% overlapped")
+    for mode, label in (("grad", "grad step"), ("plain_grad", "plain fwd+bwd step")):
+        for where, key in (("2 GPUs, FSDP2", f"{mode}_timeline"), ("1 GPU", f"baseline_{mode}_timeline")):
+            if r.get(key):
+                print(f"{label} timeline, {where}:")
+                print(_harness.format_phase_timeline(r[key]))
 
 
 def main() -> None:

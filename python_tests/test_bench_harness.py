@@ -74,3 +74,37 @@ def test_nccl_kernel_overlap_of_a_trace(tmp_path):
     assert overlap["allgather_kernel_ms"] == pytest.approx(0.020) and overlap["allgather_kernels"] == 1
     assert overlap["allgather_overlap"] == pytest.approx(0.5)
     assert overlap["reducescatter_kernel_ms"] == pytest.approx(0.010) and overlap["reducescatter_overlap"] == 0.0
+
+
+def test_phase_timeline_splits_forward_and_backward_by_launching_thread(tmp_path):
+    """Forward (thread 1): compute [0, 10), all-gather [8, 14) (4 us exposed), compute [16, 20) (2 us idle before).
+    Backward (thread 2): compute [30, 40), reduce-scatter [38, 45) (5 us exposed), compute [50, 60) (5 us idle)."""
+    events = []
+
+    def kernel(name, ts, dur, thread):
+        correlation = len(events)
+        events.append({"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts - 1, "dur": 1, "tid": thread,
+                       "args": {"correlation": correlation}})
+        events.append({"cat": "kernel", "name": name, "ts": ts, "dur": dur, "tid": 7,
+                       "args": {"correlation": correlation}})
+
+    kernel("gemm", 0, 10, 1)
+    kernel("ncclDevKernel_AllGather_RING", 8, 6, 1)
+    kernel("layer_norm", 16, 4, 1)
+    kernel("gemm_backward", 30, 10, 2)
+    kernel("ncclDevKernel_ReduceScatter_RING", 38, 7, 2)
+    kernel("gemm_backward", 50, 10, 2)
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    timeline = _harness.phase_timeline(str(trace))
+    approx = pytest.approx
+    assert timeline["forward_span_ms"] == approx(0.020) and timeline["forward_compute_ms"] == approx(0.014)
+    assert timeline["forward_exposed_comm_ms"] == approx(0.004) and timeline["forward_idle_ms"] == approx(0.002)
+    assert timeline["forward_allgather_ms"] == approx(0.006)
+    assert timeline["forward_allgather_exposed_ms"] == approx(0.004)
+    assert timeline["backward_span_ms"] == approx(0.030) and timeline["backward_compute_ms"] == approx(0.020)
+    assert timeline["backward_exposed_comm_ms"] == approx(0.005) and timeline["backward_idle_ms"] == approx(0.005)
+    assert timeline["backward_reducescatter_exposed_ms"] == approx(0.005)
+    assert timeline["backward_allgather_ms"] == 0.0
+    assert timeline["between_ms"] == approx(0.010)
+    assert "forward: span 0.0 ms" in _harness.format_phase_timeline(timeline)
