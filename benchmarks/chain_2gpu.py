@@ -199,7 +199,63 @@ def profile_step(step, device, rank: int) -> tuple[dict, dict]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
         prof.export_chrome_trace(trace)
-        return kernel_overlap(trace), _harness.phase_timeline(trace)
+        timeline = _harness.phase_timeline(trace)
+        timeline["fsdp_host_ms"] = fsdp_host_ms(trace)
+        return kernel_overlap(trace), timeline
+
+
+def fsdp_host_ms(trace_path: str) -> dict:
+    """Host milliseconds of FSDP2's own annotated regions (``FSDP::...`` record_function ranges) by name."""
+    with open(trace_path) as f:
+        events = json.load(f).get("traceEvents", [])
+    totals: dict[str, float] = {}
+    for e in events:
+        name = e.get("name", "")
+        if e.get("cat") == "user_annotation" and name.startswith("FSDP::") and "dur" in e:
+            totals[name] = totals.get(name, 0.0) + e["dur"] / 1e3
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+def host_profile(primals_call, top: int, rank: int, *, distributed: bool = True) -> dict:
+    """Host cost of the JVP forward call alone (no synchronization inside it), tangent vs grad mode, and a cProfile
+    of the grad-mode forward call. Every rank runs the same calls (collectives); rank 0's numbers are kept."""
+    import cProfile
+    import io
+    import pstats
+
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    result = {}
+    for mode in ("tangent", "grad"):
+        issue = []
+        for _ in range(3):
+            synchronize()
+            if distributed:
+                dist.barrier()
+            started = time.perf_counter()
+            with torch.set_grad_enabled(mode == "grad"):
+                out, tangent = primals_call()
+            issue.append((time.perf_counter() - started) * 1e3)
+            if mode == "grad":
+                (out.float() * tangent.float()).mean().backward()
+            del out, tangent
+        result[f"{mode}_forward_issue_ms"] = sorted(issue)[1]
+    if not top:
+        return result
+    synchronize()
+    if distributed:
+        dist.barrier()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    out, tangent = primals_call()
+    profiler.disable()
+    (out.float() * tangent.float()).mean().backward()
+    synchronize()
+    if rank == 0:
+        for order in ("tottime", "cumulative"):
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(top)
+            result[f"cprofile_{order}"] = text.getvalue()
+    return result
 
 
 def kernel_overlap(trace_path: str) -> dict:
@@ -322,6 +378,10 @@ def run_model(spec, args, rank: int, device) -> dict:
         result.update({prefix + key: value for key, value in overlap.items()})
         result[f"{mode}_timeline"] = timeline
         model.zero_grad(set_to_none=True)
+    if args.host_profile:
+        fn = lambda *p: spec["call"](model, *p, *extra)  # noqa: E731
+        result["host_profile"] = host_profile(lambda: facm_ext.jvp(fn, primals, tangents), args.host_profile, rank)
+        model.zero_grad(set_to_none=True)
     del model, steps, primals, tangents, extra
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -354,6 +414,11 @@ def run_baseline(spec, args, device) -> dict:
         model.zero_grad(set_to_none=True)
     for mode in ("grad", "plain_grad"):
         result[f"baseline_{mode}_timeline"] = profile_step(steps[mode], device, 0)[1]
+        model.zero_grad(set_to_none=True)
+    if args.host_profile:
+        fn = lambda *p: spec["call"](model, *p, *extra)  # noqa: E731
+        result["baseline_host_profile"] = host_profile(lambda: facm_ext.jvp(fn, primals, tangents), 0, 0,
+                                                       distributed=False)
         model.zero_grad(set_to_none=True)
     result["activations"] = activation_terms(spec, model, device)
     del model, steps
@@ -413,6 +478,17 @@ def print_table(r: dict, prefetch: int) -> None:
             if r.get(key):
                 print(f"{label} timeline, {where}:")
                 print(_harness.format_phase_timeline(r[key]))
+                fsdp = r[key].get("fsdp_host_ms") or {}
+                if fsdp:
+                    print("FSDP host ms: " + ", ".join(f"{name} {ms:.1f}" for name, ms in list(fsdp.items())[:8]))
+    host = r.get("host_profile")
+    for where, key in (("2 GPUs, FSDP2", "host_profile"), ("1 GPU", "baseline_host_profile")):
+        if r.get(key):
+            print(f"host issue of the JVP forward call, {where}: tangent mode "
+                  f"{r[key]['tangent_forward_issue_ms']:.1f} ms, grad mode {r[key]['grad_forward_issue_ms']:.1f} ms")
+    if host:
+        for order in ("tottime", "cumulative"):
+            print(host.get(f"cprofile_{order}", ""))
 
 
 def main() -> None:
@@ -430,6 +506,9 @@ def main() -> None:
     # 32 -> 256 tokens: with 76 blocks sized so the whole-model gather cannot fit a 140 GiB card, the grad mode's
     # saved activations at 1024 tokens (--wan-side 64) ran out of memory on an H200 (2026-11-26).
     parser.add_argument("--wan-side", type=int, default=32, help="latent height = width (tokens: frames*(side/2)^2)")
+    parser.add_argument("--host-profile", type=int, default=0, metavar="N",
+                        help="also time the host issue of the JVP forward call (tangent vs grad mode) and print the "
+                             "N functions with the most host time in a grad-mode forward (cProfile, rank 0)")
     parser.add_argument("--json", default="")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU + gloo with tiny models: exercises the script, measures nothing meaningful")

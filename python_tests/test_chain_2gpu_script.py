@@ -21,7 +21,8 @@ def _free_port() -> int:
 def test_chain_2gpu_smoke_reports_every_mode():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(ROOT / "benchmarks" / "chain_2gpu.py"), "--smoke"]
+               "--master_port", str(_free_port()), str(ROOT / "benchmarks" / "chain_2gpu.py"), "--smoke",
+               "--host-profile", "5"]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
@@ -32,3 +33,7 @@ def test_chain_2gpu_smoke_reports_every_mode():
         assert all(int(row.rstrip(" |").rsplit("|", 1)[-1]) <= 2 for row in rows), rows
     for label in ("grad step", r"plain fwd\+bwd step \(FSDP2 alone\)"):
         assert re.search(rf"^{label} profile: all-gather kernels", out, flags=re.MULTILINE), out[-3000:]
+    for where in ("2 GPUs, FSDP2", "1 GPU"):
+        assert re.search(rf"^host issue of the JVP forward call, {where}: tangent mode [0-9.]+ ms, grad mode", out,
+                         flags=re.MULTILINE), out[-3000:]
+    assert "Ordered by: internal time" in out and "Ordered by: cumulative time" in out
