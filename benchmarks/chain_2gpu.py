@@ -358,22 +358,26 @@ def run_model(spec, args, rank: int, device) -> dict:
                   device_gib=(torch.cuda.get_device_properties(device).total_memory / GIB
                               if device.type == "cuda" else float("nan")))
 
+    modes = [mode for mode in MODE_LABELS if mode in args.modes]
     steps["tangent"]()  # records the unit order; the later calls prefetch with it
-    steps["grad"]()
+    if "grad" in modes:
+        steps["grad"]()
     model.zero_grad(set_to_none=True)
-    for mode in MODE_LABELS:
+    for mode in modes:
         with GatherMonitor(model.blocks) as monitor:
             steps[mode]()
         result[f"{mode}_gathers_per_block"] = sorted(set(monitor.gathers[b] for b in model.blocks))
         result[f"{mode}_max_gathered"] = monitor.max_gathered
         model.zero_grad(set_to_none=True)
-    for mode in MODE_LABELS:
+    for mode in modes:
         result[f"{mode}_ms"] = timed(steps[mode], warmup=args.warmup, iters=args.iters)
         result[f"{mode}_peak_gib"] = peak_gib(steps[mode])
         model.zero_grad(set_to_none=True)
 
     # The grad step and FSDP2's own forward + backward of the same model, so their overlap can be compared.
     for mode, prefix in (("grad", ""), ("plain_grad", "plain_grad_")):
+        if mode not in modes:
+            continue
         overlap, timeline = profile_step(steps[mode], device, rank)
         result.update({prefix + key: value for key, value in overlap.items()})
         result[f"{mode}_timeline"] = timeline
@@ -407,12 +411,15 @@ def run_baseline(spec, args, device) -> dict:
     primals, tangents, extra = spec["inputs"](device, COMPUTE_DTYPE)  # what the root's input cast gives the chain
     steps = make_steps(model, spec, primals, tangents, extra)
     result = dict(baseline_layers=layers)
-    for mode in ("tangent", "grad", "plain", "plain_grad"):
+    modes = [mode for mode in ("tangent", "grad", "plain", "plain_grad") if mode in args.modes]
+    for mode in modes:
         steps[mode]()
         result[f"baseline_{mode}_ms"] = timed(steps[mode], warmup=args.warmup, iters=args.iters)
         result[f"baseline_{mode}_peak_gib"] = peak_gib(steps[mode])
         model.zero_grad(set_to_none=True)
     for mode in ("grad", "plain_grad"):
+        if mode not in modes:
+            continue
         result[f"baseline_{mode}_timeline"] = profile_step(steps[mode], device, 0)[1]
         model.zero_grad(set_to_none=True)
     if args.host_profile:
@@ -455,6 +462,8 @@ def print_table(r: dict, prefetch: int) -> None:
     print("| mode | chain ms | 1-GPU no-FSDP ms | speed vs 1 GPU | peak GiB | bound GiB | AG/block | max gathered |")
     print("|---|---|---|---|---|---|---|---|")
     for mode, label in MODE_LABELS.items():
+        if f"{mode}_ms" not in r:
+            continue
         chain_ms = r[f"{mode}_ms"]
         base = r.get(f"baseline_{mode}_ms")
         if base is not None and per_block:
@@ -470,6 +479,8 @@ def print_table(r: dict, prefetch: int) -> None:
               f"{'-' if bound is None else f'{bound:.2f}'} | {r[f'{mode}_gathers_per_block']} | "
               f"{r[f'{mode}_max_gathered']} |")
     for label, prefix in (("grad step", ""), ("plain fwd+bwd step (FSDP2 alone)", "plain_grad_")):
+        if prefix + "allgather_ms" not in r:
+            continue
         print(f"{label} profile: all-gather kernels {r[prefix + 'allgather_ms']:.1f} ms, "
               f"{100 * r[prefix + 'allgather_overlap']:.0f}% overlapped with compute; reduce-scatter "
               f"{r[prefix + 'reducescatter_ms']:.1f} ms, {100 * r[prefix + 'reducescatter_overlap']:.0f}% overlapped")
@@ -506,6 +517,9 @@ def main() -> None:
     # 32 -> 256 tokens: with 76 blocks sized so the whole-model gather cannot fit a 140 GiB card, the grad mode's
     # saved activations at 1024 tokens (--wan-side 64) ran out of memory on an H200 (2026-11-26).
     parser.add_argument("--wan-side", type=int, default=32, help="latent height = width (tokens: frames*(side/2)^2)")
+    parser.add_argument("--modes", default=",".join(MODE_LABELS),
+                        help=f"comma-separated subset of {','.join(MODE_LABELS)} (e.g. tangent,plain for a token "
+                             "count whose grad-mode activations do not fit)")
     parser.add_argument("--host-profile", type=int, default=0, metavar="N",
                         help="also time the host issue of the JVP forward call (tangent vs grad mode) and print the "
                              "N functions with the most host time in a grad-mode forward (cProfile, rank 0)")
@@ -515,6 +529,12 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                         help="compute (FSDP param) dtype; default bfloat16 (float32 with --smoke)")
     args = parser.parse_args()
+    args.modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    unknown = sorted(set(args.modes) - set(MODE_LABELS))
+    if unknown or not args.modes:
+        parser.error(f"--modes: expected a non-empty subset of {','.join(MODE_LABELS)}, got {unknown or 'nothing'}")
+    if args.host_profile and "grad" not in args.modes:
+        parser.error("--host-profile compares tangent and grad mode: --modes must include grad")
 
     if "LOCAL_RANK" not in os.environ or (not args.smoke and torch.cuda.device_count() < 2):
         print("chain_2gpu.py needs 2 GPUs under torchrun --nproc_per_node 2 (or --smoke under torchrun on CPU); "

@@ -37,3 +37,22 @@ def test_chain_2gpu_smoke_reports_every_mode():
         assert re.search(rf"^host issue of the JVP forward call, {where}: tangent mode [0-9.]+ ms, grad mode", out,
                          flags=re.MULTILINE), out[-3000:]
     assert "Ordered by: internal time" in out and "Ordered by: cumulative time" in out
+
+
+def test_chain_2gpu_smoke_runs_only_the_selected_modes():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), str(ROOT / "benchmarks" / "chain_2gpu.py"), "--smoke",
+               "--models", "wan", "--modes", "tangent,plain"]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = re.findall(r"^\| (tangent|grad|hybrid|plain fwd \(no JVP\)|plain fwd\+bwd \(no JVP\)) \|", proc.stdout,
+                      flags=re.MULTILINE)
+    assert rows == ["tangent", "plain fwd (no JVP)"], proc.stdout[-3000:]
+    assert "profile: all-gather kernels" not in proc.stdout
+
+
+def test_chain_2gpu_rejects_unknown_modes():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "chain_2gpu.py"), "--modes", "tangent,fast"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "--modes: expected a non-empty subset" in proc.stderr, proc.stderr[-2000:]
