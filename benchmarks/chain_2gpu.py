@@ -204,6 +204,45 @@ def profile_step(step, device, rank: int) -> tuple[dict, dict]:
         return kernel_overlap(trace), timeline
 
 
+def link_bandwidth(device, numel: int, *, iters: int = 5) -> dict:
+    """The interconnect as the chain sees it: ``all_gather_into_tensor`` of ``numel`` bf16 elements (one block's
+    parameters gathered) and ``reduce_scatter_tensor`` of ``numel`` fp32 elements (its gradient), each timed alone;
+    algorithm bandwidth (bytes of the full tensor per second) and NCCL's bus bandwidth (algbw * (world - 1) /
+    world), GB/s."""
+    world = dist.get_world_size()
+    if device.type != "cuda" or world < 2:
+        return {}
+    result = {"numel": numel}
+    for name, dtype in (("allgather", torch.bfloat16), ("reducescatter", torch.float32)):
+        per_rank = max(1, numel // world)
+        full = torch.empty(per_rank * world, dtype=dtype, device=device)
+        shard = torch.empty(per_rank, dtype=dtype, device=device)
+
+        def collective():
+            if name == "allgather":
+                dist.all_gather_into_tensor(full, shard)
+            else:
+                dist.reduce_scatter_tensor(shard, full)
+
+        for _ in range(2):
+            collective()
+        torch.cuda.synchronize()
+        dist.barrier()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            collective()
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) / 1e3 / iters
+        algbw = full.numel() * full.element_size() / seconds / 1e9
+        result[f"{name}_ms"] = seconds * 1e3
+        result[f"{name}_algbw_gbps"] = algbw
+        result[f"{name}_busbw_gbps"] = algbw * (world - 1) / world
+        del full, shard
+    return result
+
+
 def fsdp_host_ms(trace_path: str) -> dict:
     """Host milliseconds of FSDP2's own annotated regions (``FSDP::...`` record_function ranges) by name."""
     with open(trace_path) as f:
@@ -358,6 +397,8 @@ def run_model(spec, args, rank: int, device) -> dict:
                   device_gib=(torch.cuda.get_device_properties(device).total_memory / GIB
                               if device.type == "cuda" else float("nan")))
 
+    # One gathered block's bytes, through this machine's interconnect, before anything else runs.
+    result["link"] = link_bandwidth(device, largest_block // itemsize)
     modes = [mode for mode in MODE_LABELS if mode in args.modes]
     steps["tangent"]()  # records the unit order; the later calls prefetch with it
     if "grad" in modes:
@@ -459,6 +500,15 @@ def print_table(r: dict, prefetch: int) -> None:
           f"{r['whole_gather_gib']:.1f} GiB without gradients ({fits(r['whole_gather_gib'])}), "
           f"{r['whole_gather_grad_gib']:.1f} GiB with sharded gradients ({fits(r['whole_gather_grad_gib'])}), "
           "before activations")
+    link = r.get("link") or {}
+    if link:
+        # What the step's collectives cost at that rate with nothing else running: a floor for the chain's time.
+        gathers = r["layers"] * link["allgather_ms"]
+        print(f"interconnect: all-gather of one block ({link['numel'] * 2 / 2**20:.0f} MiB bf16) {link['allgather_ms']:.2f} ms "
+              f"= {link['allgather_busbw_gbps']:.0f} GB/s bus bandwidth; reduce-scatter of its fp32 gradient "
+              f"{link['reducescatter_ms']:.2f} ms = {link['reducescatter_busbw_gbps']:.0f} GB/s. Communication "
+              f"alone per step: tangent {gathers:.0f} ms (one gather per block), grad "
+              f"{2 * gathers + r['layers'] * link['reducescatter_ms']:.0f} ms (two gathers and one reduce-scatter)")
     print("| mode | chain ms | 1-GPU no-FSDP ms | speed vs 1 GPU | peak GiB | bound GiB | AG/block | max gathered |")
     print("|---|---|---|---|---|---|---|---|")
     for mode, label in MODE_LABELS.items():
