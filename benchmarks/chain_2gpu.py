@@ -151,6 +151,25 @@ def wan_spec(args, total_memory: int):
 
 
 # --------------------------------------------------------------------------------------------------- utilities
+def pin_to_cpus(local_rank: int, local_world: int) -> list[int]:
+    """Give each local rank its own contiguous share of the physical cores this process may use (hyperthread
+    siblings kept together), so that two ranks' Python threads never share a core. Returns the CPUs kept."""
+    cores: dict[str, list[int]] = {}
+    for cpu in sorted(os.sched_getaffinity(0)):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                key = f.read().strip()
+        except OSError:
+            key = str(cpu)
+        cores.setdefault(key, []).append(cpu)
+    groups = list(cores.values())
+    share = groups[local_rank * len(groups) // local_world:(local_rank + 1) * len(groups) // local_world]
+    mine = sorted(cpu for group in share for cpu in group)
+    if mine:
+        os.sched_setaffinity(0, mine)
+    return mine
+
+
 def init_parameters(model: nn.Module, seed: int) -> None:
     """Random N(0, 0.02) values in every (local shard of a) parameter: timing does not depend on the values."""
     device = next(model.parameters()).device
@@ -570,6 +589,8 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODE_LABELS),
                         help=f"comma-separated subset of {','.join(MODE_LABELS)} (e.g. tangent,plain for a token "
                              "count whose grad-mode activations do not fit)")
+    parser.add_argument("--pin-cpus", action="store_true",
+                        help="pin each local rank to its own share of the physical cores (before any thread starts)")
     parser.add_argument("--host-profile", type=int, default=0, metavar="N",
                         help="also time the host issue of the JVP forward call (tangent vs grad mode) and print the "
                              "N functions with the most host time in a grad-mode forward (cProfile, rank 0)")
@@ -591,6 +612,9 @@ def main() -> None:
               "nothing to do here.")
         return
     local_rank = int(os.environ["LOCAL_RANK"])
+    if args.pin_cpus:
+        pinned = pin_to_cpus(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        print(f"rank {local_rank}: pinned to CPUs {pinned}", flush=True)
     global COMPUTE_DTYPE
     COMPUTE_DTYPE = getattr(torch, args.dtype or ("float32" if args.smoke else "bfloat16"))
     if args.smoke:
