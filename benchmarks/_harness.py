@@ -194,46 +194,6 @@ def write_results(path: str | None = None) -> str | None:
     return path
 
 
-def nccl_kernel_overlap(trace_path: str) -> dict:
-    """NCCL all-gather / reduce-scatter kernel time in a chrome trace (torch.profiler), and the share of it during
-    which some compute (non-NCCL) kernel runs on the same GPU. Keys: compute_kernel_ms, allgather_kernel_ms,
-    allgather_overlap, allgather_kernels, and the same three for reducescatter."""
-    with open(trace_path) as f:
-        events = json.load(f).get("traceEvents", [])
-    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
-    compute = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" not in e["name"].lower())
-    merged: list[list[float]] = []
-    for start, end in compute:
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    compute_us = sum(end - start for start, end in merged)
-
-    def covered(pattern: str) -> tuple[float, float, int]:
-        total, overlapped, count = 0.0, 0.0, 0
-        for e in kernels:
-            name = e["name"].lower()
-            if "nccl" not in name or pattern not in name:
-                continue
-            start, end = e["ts"], e["ts"] + e["dur"]
-            total += end - start
-            count += 1
-            for m_start, m_end in merged:
-                if m_end <= start:
-                    continue
-                if m_start >= end:
-                    break
-                overlapped += min(end, m_end) - max(start, m_start)
-        return total / 1e3, (overlapped / total if total else float("nan")), count
-
-    gather_ms, gather_share, gather_count = covered("allgather")
-    scatter_ms, scatter_share, scatter_count = covered("reducescatter")
-    return dict(compute_kernel_ms=compute_us / 1e3, allgather_kernel_ms=gather_ms, allgather_overlap=gather_share,
-                allgather_kernels=gather_count, reducescatter_kernel_ms=scatter_ms,
-                reducescatter_overlap=scatter_share, reducescatter_kernels=scatter_count)
-
-
 def _merge(intervals) -> list[list[float]]:
     merged: list[list[float]] = []
     for start, end in sorted(intervals):
@@ -253,6 +213,35 @@ def _covered_us(start: float, end: float, merged: list[list[float]]) -> float:
             break
         covered += min(end, m_end) - max(start, m_start)
     return covered
+
+
+def nccl_kernel_overlap(trace_path: str) -> dict:
+    """NCCL all-gather / reduce-scatter kernel time in a chrome trace (torch.profiler), and the share of it during
+    which some compute (non-NCCL) kernel runs on the same GPU. Keys: compute_kernel_ms, allgather_kernel_ms,
+    allgather_overlap, allgather_kernels, and the same three for reducescatter."""
+    with open(trace_path) as f:
+        events = json.load(f).get("traceEvents", [])
+    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    merged = _merge((e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" not in e["name"].lower())
+    compute_us = sum(end - start for start, end in merged)
+
+    def covered(pattern: str) -> tuple[float, float, int]:
+        total, overlapped, count = 0.0, 0.0, 0
+        for e in kernels:
+            name = e["name"].lower()
+            if "nccl" not in name or pattern not in name:
+                continue
+            start, end = e["ts"], e["ts"] + e["dur"]
+            total += end - start
+            count += 1
+            overlapped += _covered_us(start, end, merged)
+        return total / 1e3, (overlapped / total if total else float("nan")), count
+
+    gather_ms, gather_share, gather_count = covered("allgather")
+    scatter_ms, scatter_share, scatter_count = covered("reducescatter")
+    return dict(compute_kernel_ms=compute_us / 1e3, allgather_kernel_ms=gather_ms, allgather_overlap=gather_share,
+                allgather_kernels=gather_count, reducescatter_kernel_ms=scatter_ms,
+                reducescatter_overlap=scatter_share, reducescatter_kernels=scatter_count)
 
 
 def phase_timeline(trace_path: str) -> dict:
