@@ -10,7 +10,8 @@ forward + backward, facm_ext.jvp without grad, and facm_ext.jvp with grad + back
 - kernel ms: the sum of GPU kernel durations from torch.profiler (how busy the GPU was);
 - kernels: how many kernels one call launches.
 
-With --cprofile N it prints the N functions with the most host time inside one facm_ext.jvp call (no grad).
+With --cprofile N it prints the N functions with the most host time inside one facm_ext.jvp call (no grad); with
+--copy-sites N, the N Python call sites that make the most tensor copies (casts, contiguous copies) in one such call.
 """
 
 from __future__ import annotations
@@ -69,10 +70,44 @@ def kernel_profile(fn) -> tuple[float, int, list]:
     return sum(e.device_time for e in kernels) / 1e3, len(kernels), top
 
 
+COPY_OPS = ("aten::copy_",)
+
+
+def copy_call_sites(fn, top: int, *, cuda: bool = True) -> list[tuple[int, list[str]]]:
+    """Where one call of ``fn`` copies tensors (casts, ``.contiguous()``, strided reshapes: each ``aten::copy_`` is
+    one copy kernel on the GPU): the ``top`` Python call sites as (count, the six innermost Python frames outside
+    torch), most frequent first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    fn()
+    with profile(activities=activities, with_stack=True) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    sites: dict[tuple[str, ...], int] = {}
+    for event in prof.events():
+        if event.name not in COPY_OPS or event.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        # with_stack records the Python frames as the op's enclosing events ("path(line): function").
+        chain, parent = [], event.cpu_parent
+        while parent is not None:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        frames = [name for name in chain if "): " in name and "torch/" not in name]  # Python frames, not torch's
+        key = tuple((frames or chain or ["<no caller recorded>"])[:6])
+        sites[key] = sites.get(key, 0) + 1
+    return sorted(((count, list(key)) for key, count in sites.items()), key=lambda site: -site[0])[:top]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--cprofile", type=int, default=0)
+    parser.add_argument("--copy-sites", type=int, default=0, metavar="N",
+                        help="also print the N Python call sites with the most tensor copies (casts, contiguous "
+                             "copies) in one facm_ext.jvp call without grad")
+    parser.add_argument("--skip-rows", action="store_true", help="only the --cprofile / --copy-sites parts")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -118,8 +153,9 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
 
     rows = []
-    for name, fn in [("plain forward (no grad)", plain_forward), ("plain forward + backward", plain_forward_backward),
-                     ("facm_ext.jvp (no grad)", jvp_no_grad), ("facm_ext.jvp grad + backward", jvp_grad_backward)]:
+    variants = [("plain forward (no grad)", plain_forward), ("plain forward + backward", plain_forward_backward),
+                ("facm_ext.jvp (no grad)", jvp_no_grad), ("facm_ext.jvp grad + backward", jvp_grad_backward)]
+    for name, fn in [] if args.skip_rows else variants:
         wall = wall_ms(fn)
         issue = issue_ms(fn)
         busy, count, top = kernel_profile(fn)
@@ -154,6 +190,12 @@ def main() -> None:
         pstats.Stats(profiler, stream=stream).sort_stats("cumulative").print_stats(args.cprofile)
         print("by cumulative time:")
         print(stream.getvalue())
+    if args.copy_sites:
+        sites = copy_call_sites(jvp_no_grad, args.copy_sites)
+        print(f"tensor copies in one facm_ext.jvp call (no grad): {sum(count for count, _ in sites)} at the "
+              f"{len(sites)} most frequent call sites")
+        for count, frames in sites:
+            print(f"  {count:5d}x  " + "  <-  ".join(frames))
 
 
 if __name__ == "__main__":

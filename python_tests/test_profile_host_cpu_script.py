@@ -23,3 +23,28 @@ def test_profile_host_cpu_reports_the_fsdp2_rows():
     calls = [int(m) for m in re.findall(r"^\| lightningdit[^|]*\|(?:[^|]*\|){4} (\d+) \|", proc.stdout,
                                           flags=re.MULTILINE)]
     assert len(calls) == 2 and calls[1] > calls[0], proc.stdout
+
+
+def test_copy_call_sites_names_where_a_jvp_copies(monkeypatch):
+    """benchmarks/profile_overhead.py --copy-sites, on the CPU: a strided-to-contiguous copy in the model shows up
+    with the model's frame, once for the primal and once for the tangent."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import profile_overhead
+
+    import facm_ext
+
+    linear = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8)
+
+    def model_forward(a):
+        return linear(a).t().contiguous()
+
+    def call():
+        with torch.no_grad():
+            facm_ext.jvp(model_forward, (x,), (torch.randn(4, 8),))
+
+    sites = profile_overhead.copy_call_sites(call, 10, cuda=False)
+    model_sites = [(count, frames) for count, frames in sites if any("model_forward" in f for f in frames)]
+    assert sum(count for count, _ in model_sites) == 2, sites
