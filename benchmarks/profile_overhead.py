@@ -89,12 +89,15 @@ def copy_call_sites(fn, top: int, *, cuda: bool = True) -> list[tuple[int, list[
     for event in prof.events():
         if event.name not in COPY_OPS or event.device_type != torch.autograd.DeviceType.CPU:
             continue
-        # with_stack records the Python frames as the op's enclosing events ("path(line): function").
-        chain, parent = [], event.cpu_parent
+        # with_stack records the Python frames ("path(line): function") as the op's enclosing events (recent
+        # torch) or as the ``stack`` of the op or of an enclosing op (older torch): collect both, innermost first.
+        chain, stack, parent = [], list(event.stack or []), event.cpu_parent
         while parent is not None:
             chain.append(parent.name)
+            if not stack and parent.stack:
+                stack = list(parent.stack)
             parent = parent.cpu_parent
-        frames = [name for name in chain if "): " in name and "torch/" not in name]  # Python frames, not torch's
+        frames = [name for name in chain + stack if "): " in name and "torch/" not in name]  # not torch's own
         key = tuple((frames or chain or ["<no caller recorded>"])[:6])
         sites[key] = sites.get(key, 0) + 1
     return sorted(((count, list(key)) for key, count in sites.items()), key=lambda site: -site[0])[:top]
