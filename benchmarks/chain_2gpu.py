@@ -523,8 +523,9 @@ def print_table(r: dict, prefetch: int) -> None:
     if link:
         # What the step's collectives cost at that rate with nothing else running: a floor for the chain's time.
         gathers = r["layers"] * link["allgather_ms"]
-        print(f"interconnect: all-gather of one block ({link['numel'] * 2 / 2**20:.0f} MiB bf16) {link['allgather_ms']:.2f} ms "
-              f"= {link['allgather_busbw_gbps']:.0f} GB/s bus bandwidth; reduce-scatter of its fp32 gradient "
+        print(f"interconnect: all-gather of one block ({link['numel'] * 2 / 2**20:.0f} MiB bf16) "
+              f"{link['allgather_ms']:.2f} ms = {link['allgather_busbw_gbps']:.0f} GB/s bus bandwidth; "
+              "reduce-scatter of its fp32 gradient "
               f"{link['reducescatter_ms']:.2f} ms = {link['reducescatter_busbw_gbps']:.0f} GB/s. Communication "
               f"alone per step: tangent {gathers:.0f} ms (one gather per block), grad "
               f"{2 * gathers + r['layers'] * link['reducescatter_ms']:.0f} ms (two gathers and one reduce-scatter)")
