@@ -15,7 +15,8 @@ CPU machine (torch 2.14.1, median of 15, ms per call):
 | same, FSDP2 | 52.6 (+33.2) | 177.8 (+106.4) | 129.8 (+39.7) | 294.8 (+108.1) |
 
 So the chain costs the host what FSDP2 costs a plain step: with grad, the same (+59 vs +60 ms, +108 vs +106 ms);
-without grad, 0.2 ms per block more than a plain FSDP2 forward (the handler's split / re-wrap of duals).
+without grad, 0.2 ms per block more than a plain FSDP2 forward (the handler's own work: splitting and re-wrapping
+the duals around FSDP2's hooks, its explicit prefetch calls).
 
 On a GPU the eager transform is host-bound (benchmarks/RESULTS.md, "Host overhead"): the kernels take a third of
 the call. With tiny widths on the CPU every op costs almost nothing, so the time of a call is the Python of the

@@ -166,8 +166,9 @@ def main() -> None:
 
     print(f"### LightningDiT-XL/1, B={batch}, 256 tokens, bf16 autocast, {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}")
-    print("| call | wall ms | host issue ms | GPU kernel ms | GPU busy | kernels |")
-    print("|---|---|---|---|---|---|")
+    if rows:
+        print("| call | wall ms | host issue ms | GPU kernel ms | GPU busy | kernels |")
+        print("|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['name']} | {row['wall_ms']:.1f} | {row['issue_ms']:.1f} | {row['kernel_ms']:.1f} | "
               f"{100 * row['kernel_ms'] / row['wall_ms']:.0f}% | {row['kernels']} |")
