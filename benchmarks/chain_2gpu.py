@@ -615,7 +615,9 @@ def main() -> None:
     local_rank = int(os.environ["LOCAL_RANK"])
     if args.pin_cpus:
         pinned = pin_to_cpus(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        print(f"rank {local_rank}: pinned to CPUs {pinned}", flush=True)
+        # One write of the whole line: both ranks share the pipe, and print() writes the newline separately.
+        sys.stdout.write(f"rank {local_rank}: pinned to CPUs {pinned}\n")
+        sys.stdout.flush()
     global COMPUTE_DTYPE
     COMPUTE_DTYPE = getattr(torch, args.dtype or ("float32" if args.smoke else "bfloat16"))
     if args.smoke:
