@@ -52,6 +52,7 @@ import _harness  # noqa: E402  (benchmarks/, the script's folder)
 import facm_ext  # noqa: E402
 import facm_ext.chain  # noqa: E402  (registers the FSDP2 handler with facm_ext.jvp)
 from facm_ext.chain import GatherMonitor  # noqa: E402
+from facm_ext._teardown import exit_without_teardown  # noqa: E402
 
 GIB = 2**30
 # bf16 compute on GPUs; --smoke (CPU, gloo, tiny models: checks the script's code paths only) keeps fp32.
@@ -350,7 +351,7 @@ def make_steps(model, spec, primals, tangents, extra):
         fn(*primals).float().square().mean().backward()
 
     return dict(tangent=tangent_step, grad=grad_step, hybrid=hybrid_step, plain=plain_step,
-                plain_grad=plain_grad_step)
+                plain_grad=plain_grad_step, jvp=lambda: facm_ext.jvp(fn, primals, tangents))
 
 
 # Table rows: the chain's modes, then the plain (no JVP) reference rows, with their labels.
@@ -443,8 +444,7 @@ def run_model(spec, args, rank: int, device) -> dict:
         result[f"{mode}_timeline"] = timeline
         model.zero_grad(set_to_none=True)
     if args.host_profile:
-        fn = lambda *p: spec["call"](model, *p, *extra)  # noqa: E731
-        result["host_profile"] = host_profile(lambda: facm_ext.jvp(fn, primals, tangents), args.host_profile, rank)
+        result["host_profile"] = host_profile(steps["jvp"], args.host_profile, rank)
         model.zero_grad(set_to_none=True)
     del model, steps, primals, tangents, extra
     if device.type == "cuda":
@@ -483,9 +483,7 @@ def run_baseline(spec, args, device) -> dict:
         result[f"baseline_{mode}_timeline"] = profile_step(steps[mode], device, 0)[1]
         model.zero_grad(set_to_none=True)
     if args.host_profile:
-        fn = lambda *p: spec["call"](model, *p, *extra)  # noqa: E731
-        result["baseline_host_profile"] = host_profile(lambda: facm_ext.jvp(fn, primals, tangents), 0, 0,
-                                                       distributed=False)
+        result["baseline_host_profile"] = host_profile(steps["jvp"], 0, 0, distributed=False)
         model.zero_grad(set_to_none=True)
     result["activations"] = activation_terms(spec, model, device)
     del model, steps
@@ -651,9 +649,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # Leave without the interpreter's teardown. With gloo on the CPU (--smoke), a rank aborted in about 1 of 20 runs
-    # after a complete run ("terminate called without an active exception", raised from C++ static destructors
-    # once no Python frame was left; benchmarks/wan14b_chain.py does the same). Output is flushed, files closed.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown(0)

@@ -80,6 +80,7 @@ import _harness  # noqa: E402
 import facm_ext  # noqa: E402
 import facm_ext.chain  # noqa: E402  (registers the FSDP2 module-call handler with facm_ext.jvp)
 from facm_ext.chain import GatherMonitor  # noqa: E402
+from facm_ext._teardown import exit_without_teardown  # noqa: E402
 from facm_ext.jvp import is_active, make_dual, split_dual  # noqa: E402
 from facm_ext.models import Wan22_A14B_config, WanBlock, WanModel, wan_rope_tables  # noqa: E402
 
@@ -1005,10 +1006,4 @@ def smoke_failures(results: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    # Leave without the interpreter's teardown. With gloo on the CPU (--smoke), a rank aborted in about 1 of 40 runs
-    # after a complete run ("terminate called without an active exception", raised from C++ static destructors
-    # once no Python frame was left). Everything this script writes is flushed or closed by now.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(exit_code)
+    exit_without_teardown(main())

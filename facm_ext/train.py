@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from facm_ext import facm
+from facm_ext._teardown import exit_without_teardown
 from facm_ext.facm import checkpoint as ckpt
 from facm_ext.facm import digits
 from facm_ext.facm.png import image_grid, write_png
@@ -707,9 +708,5 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
-    # `python -m facm_ext.train` / `torchrun -m facm_ext.train`: leave without the interpreter's teardown, where a
-    # gloo rank can abort after a complete run ("terminate called without an active exception": gloo's worker threads
-    # release tensors while Python finalizes). Results, checkpoints and logs are written and closed by now.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # `python -m facm_ext.train` / `torchrun -m facm_ext.train`; the `facm-train` console script keeps the normal exit.
+    exit_without_teardown(0)

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from facm_ext.chain import ChainJVP, GatherMonitor  # noqa: E402
 from facm_ext.models import LightningDiT, wan_small  # noqa: E402
+from facm_ext._teardown import exit_without_teardown  # noqa: E402
 
 BATCH = 2
 # cuda:LOCAL_RANK under FACM_CHAIN_WORKER_BACKEND=nccl (2 GPUs), else the CPU (gloo).
@@ -580,8 +581,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # Leave without the interpreter's teardown, where a gloo rank can abort after a complete run ("terminate called
-    # without an active exception"; benchmarks/chain_2gpu.py and wan14b_chain.py do the same).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown(0)
