@@ -646,6 +646,31 @@ def test_attention_module_rule_matches_torch_func(qk_norm, with_rope):
         assert report.fused.get("RMSNorm (RMSNorm-like) -> rms_norm_jvp") == 2, str(report)
 
 
+def test_attention_module_rule_norms_per_row_before_the_head_transpose_only_when_that_is_exact():
+    """q/k norms of each head's row run on the [B, L, H, D] slices of the qkv output (read in place by the norm
+    kernel); a norm that mixes rows (here: over the tokens of the model's [B, H, L, D] q) keeps the model's order."""
+    from facm_ext.jvp import _blocks
+    from facm_ext.models._layers import RMSNorm
+
+    assert _blocks._per_row(nn.Identity(), 16)
+    assert _blocks._per_row(nn.LayerNorm(16), 16) and not _blocks._per_row(nn.LayerNorm(32), 16)
+    assert _blocks._per_row(RMSNorm(16), 16) and not _blocks._per_row(RMSNorm(8), 16)
+
+    class TokenCentering(nn.Module):  # subtracts the mean over dim -2: the tokens in the model's order
+        def forward(self, t):
+            return t - t.mean(dim=-2, keepdim=True)
+
+    assert not _blocks._per_row(TokenCentering(), 16)
+    attention, rope = _attention("rms"), _rope()
+    attention.q_norm, attention.k_norm = TokenCentering(), TokenCentering()
+    x, tx = randn(2, 4, 32, requires_grad=True), randn(2, 4, 32)
+    func = lambda x: attention(x, rope)  # noqa: E731
+    for report in (_check_attention(func, x, tx), _check_attention(func, x, tx, what="token-mixing q/k norm")):
+        # The module rule ran (its first-call check passed): it kept the model's order for these norms.
+        assert not any("attention module" in k for k in report.fallback), str(report)
+        assert report.fused.get("F.scaled_dot_product_attention -> attention_jvp") == 1, str(report)
+
+
 @pytest.mark.parametrize("unavailable", ["linear_jvp", "attention_jvp", "rms_norm_jvp", "rope_jvp"])
 def test_attention_module_rule_steps_fall_back_like_the_per_op_path(monkeypatch, unavailable):
     attention, rope = _attention("rms"), _rope()

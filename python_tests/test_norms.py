@@ -126,8 +126,25 @@ def test_rows_shape_merges_leading_dims():
     assert norm_ops._rows_shape(x.permute(2, 0, 1, 3)) == (8, 4 * 6, 16)
     x.permute(2, 0, 1, 3).view(8, 4 * 6, 16)
     perm = x.permute(1, 0, 2, 3)  # three leading dims that cannot merge into two strides: the caller copies
-    assert norm_ops._rows_shape(perm) == (1, 6 * 4 * 8, 16)
+    assert norm_ops._rows_shape(perm) is None
     assert norm_ops._rows_shape(torch.randn(16)) == (1, 1, 16)
+
+
+def test_view3_views_in_place_or_copies_by_strides():
+    """The kernel's [B', L', C] operand: a view of the same storage where the strides allow it, else a copy; never
+    a failed view (decided from the strides)."""
+    slab = torch.randn(4, 6, 2, 8, 16)
+    x = slab[:, :, 0]  # [4, 6, 8, 16] with rows strided over two dims
+    shape3 = norm_ops._rows_shape(x)
+    view = norm_ops._view3(x, shape3)
+    assert view.data_ptr() == x.data_ptr() and torch.equal(view, x.reshape(shape3))
+    same_layout = slab[:, :, 1]
+    assert norm_ops._view3(same_layout, shape3).data_ptr() == same_layout.data_ptr()
+    contiguous = torch.randn(4, 6, 8, 16)
+    assert norm_ops._view3(contiguous, shape3).data_ptr() == contiguous.data_ptr()
+    other_layout = torch.randn(6, 4, 8, 16).transpose(0, 1)  # x's shape, strides unlike x's
+    copied = norm_ops._view3(other_layout, shape3)
+    assert copied.data_ptr() != other_layout.data_ptr() and torch.equal(copied, other_layout.reshape(shape3))
 
 
 @pytest.mark.parametrize("kind", MOD_KINDS)

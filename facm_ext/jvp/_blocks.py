@@ -432,10 +432,18 @@ def _attention_forward(module: nn.Module, x, rope):
     x_p, x_t = split_dual(x)
     batch, tokens, channels = x_p.shape
     heads, head_dim = module.num_heads, module.head_dim
-    qkv = _pair_map(_module_pair(module.qkv, (x_p, x_t)),
-                    lambda t: t.reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4))
-    q, k, v = _unbind_pair(qkv)
-    q, k = _module_pair(module.q_norm, q), _module_pair(module.k_norm, k)
+    # q, k, v as [B, L, H, D] slices of the qkv output: the model's [B, H, L, D] ones are their transposes.
+    qkv = _pair_map(_module_pair(module.qkv, (x_p, x_t)), lambda t: t.reshape(batch, tokens, 3, heads, head_dim))
+    q, k, v = _unbind_pair(qkv, dim=2)
+    if _per_row(module.q_norm, head_dim) and _per_row(module.k_norm, head_dim):
+        # A norm of each head's row gives the same values in either order; on the [B, L, H, D] slice the norm
+        # kernel reads q and k in place (two strided row dims), where the [B, H, L, D] transposes (three) would be
+        # copied first, four copies per block.
+        q, k = _module_pair(module.q_norm, q), _module_pair(module.k_norm, k)
+        q, k, v = (_pair_map(pair, _heads_first) for pair in (q, k, v))
+    else:
+        q, k, v = (_pair_map(pair, _heads_first) for pair in (q, k, v))
+        q, k = _module_pair(module.q_norm, q), _module_pair(module.k_norm, k)
     if rope is not None:
         q, k = _module_pair(rope, q, check_hooks=True), _module_pair(rope, k, check_hooks=True)
     out = _pair_map(_sdpa_pair(q, k, v), lambda t: t.transpose(1, 2).reshape(batch, tokens, channels))
@@ -447,11 +455,31 @@ def _pair_map(pair, fn):
     return fn(primal), None if tangent is None else fn(tangent)
 
 
-def _unbind_pair(pair):
+def _unbind_pair(pair, dim: int = 0):
     primal, tangent = pair
     if tangent is None:
-        return [(p, None) for p in primal.unbind(0)]
-    return list(zip(primal.unbind(0), tangent.unbind(0)))
+        return [(p, None) for p in primal.unbind(dim)]
+    return list(zip(primal.unbind(dim), tangent.unbind(dim)))
+
+
+def _heads_first(t: torch.Tensor) -> torch.Tensor:
+    """[B, L, H, D] -> the [B, H, L, D] view."""
+    return t.transpose(1, 2)
+
+
+def _per_row(norm: nn.Module, width: int) -> bool:
+    """Whether ``norm`` maps each row of its input's last dim (``width`` wide) on its own, the same way for every
+    row: nn.Identity, nn.LayerNorm / nn.RMSNorm over (width,), or an RMSNorm-like module the transform verified."""
+    if type(norm) is nn.Identity:
+        return True
+    if type(norm) in _ROW_NORM_TYPES:
+        return tuple(norm.normalized_shape) == (width,)
+    spec = getattr(_modules._pattern_for(norm), "norm_spec", None)
+    weight = getattr(norm, "weight", None)
+    return spec is not None and isinstance(weight, torch.Tensor) and tuple(weight.shape) == (width,)
+
+
+_ROW_NORM_TYPES = tuple(t for t in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if t is not None)
 
 
 def _value_of(pair):

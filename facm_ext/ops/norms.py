@@ -234,9 +234,9 @@ def register_kernel_fake() -> bool:
     return True
 
 
-def _rows_shape(x: Tensor) -> tuple[int, int, int]:
+def _rows_shape(x: Tensor) -> Optional[tuple[int, int, int]]:
     """A [B', L', C] shape that x (last dim contiguous) can be viewed as: its leading dims merged into at most two
-    strided dims, or (1, rows, C) when they cannot be (the caller then copies x)."""
+    strided dims; None when they cannot be (three or more strided dims: the caller copies x)."""
     dims = [(size, stride) for size, stride in zip(x.shape[:-1], x.stride()[:-1]) if size != 1]
     merged: list[list[int]] = []
     for size, stride in dims:
@@ -251,7 +251,7 @@ def _rows_shape(x: Tensor) -> tuple[int, int, int]:
         return 1, merged[0][0], c
     if len(merged) == 2:
         return merged[0][0], merged[1][0], c
-    return 1, x.numel() // c, c
+    return None
 
 
 def _channels_contiguous(t: Tensor) -> Tensor:
@@ -259,11 +259,13 @@ def _channels_contiguous(t: Tensor) -> Tensor:
 
 
 def _view3(t: Tensor, shape3: tuple[int, int, int]) -> Tensor:
+    """t as a [B', L', C] view of the shape ``shape3`` (x's), or a contiguous copy viewed so where its strides
+    cannot express that shape (e.g. a tangent laid out unlike x). Decided from the strides: a failed ``view`` raises
+    a RuntimeError whose construction costs more host time than the norm kernel's launch."""
     t = _channels_contiguous(t)
-    try:
-        return t.view(shape3)
-    except RuntimeError:  # strides that cannot express shape3 without a copy (e.g. a tangent laid out unlike x)
-        return t.contiguous().view(shape3)
+    if not t.is_contiguous() and _rows_shape(t) != shape3:
+        t = t.contiguous()
+    return t.view(shape3)
 
 
 def _kernel_eligible(x: Tensor, *others) -> bool:
@@ -296,7 +298,10 @@ def _forward_kernel(norm: int, x: Tensor, tx, weight, bias, shift, tshift, scale
         tx3 = None if tx is None else _channels_contiguous(_cast(tx, x.dtype))
     else:
         shape3 = _rows_shape(x)
-        x3 = _view3(x, shape3)
+        if shape3 is None:  # three or more strided leading dims: the kernel takes two
+            x = x.contiguous()
+            shape3 = (1, x.numel() // x.shape[-1], x.shape[-1])
+        x3 = x.view(shape3)
         tx3 = None if tx is None else _view3(_cast(tx, x.dtype), shape3)
     if shift is None and tshift is None and scale is None and tscale is None:
         mods3 = (None, None, None, None)
