@@ -351,7 +351,7 @@ def make_steps(model, spec, primals, tangents, extra):
         fn(*primals).float().square().mean().backward()
 
     return dict(tangent=tangent_step, grad=grad_step, hybrid=hybrid_step, plain=plain_step,
-                plain_grad=plain_grad_step, jvp=lambda: facm_ext.jvp(fn, primals, tangents))
+                plain_grad=plain_grad_step, jvp=lambda: facm_ext.jvp(fn, primals, tangents), fn=fn)
 
 
 # Table rows: the chain's modes, then the plain (no JVP) reference rows, with their labels.
@@ -399,6 +399,7 @@ def run_model(spec, args, rank: int, device) -> dict:
     init_parameters(model, 0)
     spec["after_init"](model)
     facm_ext.chain.set_prefetch(args.prefetch)
+    facm_ext.chain.set_block_graphs(args.block_graphs)
 
     input_dtype = torch.float32
     primals, tangents, extra = spec["inputs"](device, input_dtype)
@@ -410,7 +411,8 @@ def run_model(spec, args, rank: int, device) -> dict:
     largest_block = max(sum(p.numel() for p in b.parameters()) for b in model.blocks) * itemsize  # gathered
     root_gathered = sum(p.numel() for p in root_params) * itemsize
     full_bf16 = sum(p.numel() for p in model.parameters()) * itemsize
-    result = dict(model=spec["name"], layers=spec["layers"], rank=rank, sharded_gib=sharded / GIB,
+    result = dict(model=spec["name"], layers=spec["layers"], rank=rank, block_graphs=args.block_graphs,
+                  sharded_gib=sharded / GIB,
                   block_gathered_gib=largest_block / GIB, root_gathered_gib=root_gathered / GIB,
                   whole_gather_gib=(sharded + full_bf16) / GIB,
                   whole_gather_grad_gib=(2 * sharded + full_bf16) / GIB,
@@ -446,6 +448,10 @@ def run_model(spec, args, rank: int, device) -> dict:
     if args.host_profile:
         result["host_profile"] = host_profile(steps["jvp"], args.host_profile, rank)
         model.zero_grad(set_to_none=True)
+    if args.block_graphs:
+        result["block_graph_failures"] = facm_ext.chain.block_graph_failures()
+        facm_ext.chain.set_block_graphs(False)
+        facm_ext.chain.reset_block_graphs()
     del model, steps, primals, tangents, extra
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -477,6 +483,13 @@ def run_baseline(spec, args, device) -> dict:
         result[f"baseline_{mode}_ms"] = timed(steps[mode], warmup=args.warmup, iters=args.iters)
         result[f"baseline_{mode}_peak_gib"] = peak_gib(steps[mode])
         model.zero_grad(set_to_none=True)
+    if args.block_graphs and "tangent" in modes and device.type == "cuda":
+        # The chain's tangent mode replays CUDA graphs then: compare it with one GPU's whole-model graph as well.
+        with torch.no_grad():
+            graphed = facm_ext.jvp.graph(steps["fn"], primals, tangents, module=model)
+            result["baseline_tangent_graph_ms"] = timed(lambda: graphed(primals, tangents), warmup=args.warmup,
+                                                        iters=args.iters)
+        del graphed
     for mode in ("grad", "plain_grad"):
         if mode not in modes:
             continue
@@ -546,6 +559,15 @@ def print_table(r: dict, prefetch: int) -> None:
         print(f"| {label} | {chain_ms:.1f} | {base_txt} | {speed} | {r[f'{mode}_peak_gib']:.2f} | "
               f"{'-' if bound is None else f'{bound:.2f}'} | {r[f'{mode}_gathers_per_block']} | "
               f"{r[f'{mode}_max_gathered']} |")
+    if r.get("block_graphs"):
+        failures = r.get("block_graph_failures") or {}
+        line = ("tangent mode replayed each block from a CUDA graph (facm_ext.chain.set_block_graphs)"
+                + (f"; captures failed: {failures}" if failures else "; every capture succeeded"))
+        if r.get("baseline_tangent_graph_ms") and "tangent_ms" in r and not per_block:
+            base = r["baseline_tangent_graph_ms"]
+            line += (f". 1 GPU, whole-model CUDA graph (facm_ext.jvp.graph): {base:.1f} ms, chain speed vs it "
+                     f"{base / r['tangent_ms']:.2f}x")
+        print(line)
     for label, prefix in (("grad step", ""), ("plain fwd+bwd step (FSDP2 alone)", "plain_grad_")):
         if prefix + "allgather_ms" not in r:
             continue
@@ -593,6 +615,8 @@ def main() -> None:
     parser.add_argument("--host-profile", type=int, default=0, metavar="N",
                         help="also time the host issue of the JVP forward call (tangent vs grad mode) and print the "
                              "N functions with the most host time in a grad-mode forward (cProfile, rank 0)")
+    parser.add_argument("--block-graphs", action="store_true",
+                        help="tangent mode: replay each FSDP2 block from a CUDA graph (facm_ext.chain.set_block_graphs)")
     parser.add_argument("--json", default="")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU + gloo with tiny models: exercises the script, measures nothing meaningful")

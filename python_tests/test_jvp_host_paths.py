@@ -787,6 +787,43 @@ def test_wan_attention_modules_run_on_pairs_and_keep_hooks():
     assert report.fallback.get("Tensor.unflatten", 0) >= 3, "the hooked block and attention run per op\n" + str(report)
 
 
+def test_key_length_attention_passes_lengths_without_reading_the_mask(monkeypatch):
+    """Wan's key-length attention goes to attention_jvp with its lengths; the per-op path's mask check (a device
+    synchronization, which CUDA graphs cannot capture) never runs. A module that ignores the lengths is not taken
+    for one."""
+    from facm_ext.models.wan import KeyLengthAttention, wan_small
+
+    wan = wan_small(num_layers=2)
+    with torch.no_grad():
+        for p in wan.parameters():
+            p.normal_(0.0, 0.2)
+    wan.double()
+    context, context_lens = randn(2, 8, 32), torch.tensor([8, 5])
+    func = lambda x, t: wan(x, t, context, seq_len=6, context_lens=context_lens)  # noqa: E731
+    primals = (randn(2, 4, 1, 4, 4), torch.rand(2, dtype=F64))
+    tangents = (randn(*primals[0].shape), torch.ones_like(primals[1]))
+    with sdpa_kernel(SDPBackend.MATH):
+        ref, tref = torch.func.jvp(func, primals, tangents)
+    facm_ext.jvp(func, primals, tangents)  # recognition and verification
+
+    def no_mask_reading(*args):
+        raise AssertionError("the mask of a key-length attention module was read")
+
+    monkeypatch.setattr(_rules, "_key_lengths_of_mask", no_mask_reading)
+    out, tout, report = facm_ext.jvp(func, primals, tangents, report=True)
+    assert_rel_close(out, ref, F64, what="primal")
+    assert_rel_close(tout, tref, F64, what="tangent")
+    # 2 blocks x (self + cross attention), all with key lengths here
+    assert report.fused.get("F.scaled_dot_product_attention -> attention_jvp") == 4, str(report)
+
+    class IgnoresLengths(KeyLengthAttention):
+        def forward(self, q, k, v, key_lengths=None):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    assert _modules._key_length_attention_like(KeyLengthAttention()) is not None
+    assert _modules._key_length_attention_like(IgnoresLengths()) is None
+
+
 def test_sdpa_rule_three_dimensional_inputs_fall_back_with_the_reason():
     q, k, v = randn(3, 5, 8), randn(3, 6, 8), randn(3, 6, 8)
     tangents = (randn(3, 5, 8), randn(3, 6, 8), randn(3, 6, 8))

@@ -20,6 +20,10 @@ them, so that
   failure on one rank only leaves the others waiting in their next collective until the process group's
   timeout, as with any SPMD program).
 
+Tangent mode on CUDA can replay each unit's JVP forward from a CUDA graph (``set_block_graphs(True)``; off by
+default; see :mod:`facm_ext.chain._graphs` for what a block may read): FSDP2 still gathers, prefetches and
+reshards, and the host issues a handful of launches per block instead of the block's kernels one by one.
+
 Models whose forward must be driven explicitly: ``ChainJVP(blocks, step=..., prefetch=1, mode=None, model=None,
 root=None)`` with modes ``"tangent"``, ``"grad"`` and ``"hybrid"`` (JVP under no_grad, then an ordinary forward
 with grad: one more gather per block; the grad mode for FSDP1 units). ``GatherMonitor(modules)`` counts FSDP2
@@ -27,11 +31,13 @@ all-gathers per unit and the most units gathered at once.
 """
 
 from facm_ext.chain._chain import MODES, ChainJVP, default_step
+from facm_ext.chain._graphs import block_graph_failures, reset_block_graphs, set_block_graphs
 from facm_ext.chain._handler import fsdp2_module_call, is_streamed_unit, register_with_transform, set_prefetch
 from facm_ext.chain._monitor import GatherMonitor
 from facm_ext.chain._seam import seam_name
 
-__all__ = ["ChainJVP", "GatherMonitor", "MODES", "default_step", "fsdp2_module_call", "is_streamed_unit",
-           "register_with_transform", "seam_name", "set_prefetch"]
+__all__ = ["ChainJVP", "GatherMonitor", "MODES", "block_graph_failures", "default_step", "fsdp2_module_call",
+           "is_streamed_unit", "register_with_transform", "reset_block_graphs", "seam_name", "set_block_graphs",
+           "set_prefetch"]
 
 register_with_transform()

@@ -6,7 +6,8 @@ While the transform runs, a call ``unit(*args)`` of an FSDP2 unit comes here wit
 2. runs FSDP's own pre-forward on the plain primals (root setup, unshard or wait for the prefetch, the
    mixed-precision input cast, the post-backward hook on the inputs),
 3. starts the all-gathers of the next ``prefetch`` units (the order of units recorded in the previous pass),
-4. runs the unit's forward under the transform on duals rebuilt from FSDP's (possibly cast) primals,
+4. runs the unit's forward under the transform on duals rebuilt from FSDP's (possibly cast) primals (in tangent
+   mode with ``set_block_graphs(True)``: replayed from the unit's CUDA graph, :mod:`facm_ext.chain._graphs`),
 5. splits the outputs, runs FSDP's post-forward on the plain primal outputs (reshard, pre-backward hooks, output
    cast) and hands back duals of those outputs with the tangents cast to match.
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from facm_ext.chain import _units
+from facm_ext.chain import _graphs, _units
 from facm_ext.chain._chain import DRIVEN_MODULES
 from facm_ext.chain._seam import match_tangent
 
@@ -106,7 +107,7 @@ def fsdp2_module_call(module: nn.Module, args: tuple, kwargs: dict, run_module):
         dual_args, dual_kwargs = pytree.tree_unflatten(_rejoin(cast_leaves, tangent_leaves, make_dual), spec)
         DRIVEN_MODULES.add(id(module))
         try:
-            output = run_module(module, tuple(dual_args), dict(dual_kwargs))
+            output = _graphs.run(module, tuple(dual_args), dict(dual_kwargs), run_module)
         finally:
             DRIVEN_MODULES.discard(id(module))
         out_primals, out_tangents, out_spec = _split(output, split_dual)

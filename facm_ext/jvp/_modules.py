@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn.modules import module as _module_globals
 
 from ._dual import STATE, DualTensor, record_fallback, record_fused, split_dual, wrap_op_result
-from ._rules import autocast_lower_precision, call_op
+from ._rules import autocast_lower_precision, call_op, sdpa_pairs
 
 # ------------------------------------------------------------------------------------------------- registries
 _USER_RULES: dict[type, Callable] = {}
@@ -350,6 +350,9 @@ def _recognize(module: nn.Module):
     rope = _rope_like(module)
     if rope is not None:
         return rope
+    key_length_attention = _key_length_attention_like(module)
+    if key_length_attention is not None:
+        return key_length_attention
     from ._blocks import adaln_block_rule, attention_module_rule, wan_attention_rule, wan_block_rule
 
     block = (adaln_block_rule(module) or wan_block_rule(module) or attention_module_rule(module)
@@ -446,6 +449,61 @@ def _rms_norm_like(module: nn.Module):
     rms_norm_rule.norm_spec = ("rms", policy)
     rms_norm_rule.pair_rule = rms_norm_pair
     return rms_norm_rule
+
+
+_KEY_LENGTH_ATTENTION_ARGS = ["q", "k", "v", "key_lengths"]
+
+
+def _key_length_attention_like(module: nn.Module):
+    """An attention_jvp rule for a verified key-length attention module, or None: no parameters, buffers or
+    children; ``forward(q, k, v, key_lengths=None)`` on [B, H, L, D] tensors, keys at index >= key_lengths[b]
+    ignored (Wan's variable-length attention, e.g. facm_ext.models.wan.KeyLengthAttention). The per-op path would
+    see the boolean mask such a module builds and recover the lengths from it with a device synchronization
+    (which a CUDA graph cannot capture); the rule hands the lengths to the fused op directly. Verified on probes
+    with and without lengths."""
+    if module._parameters or module._buffers or any(True for _ in module.children()):
+        return None
+    try:
+        import inspect
+
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if [p.name for p in parameters] != _KEY_LENGTH_ATTENTION_ARGS or parameters[3].default is not None:
+        return None
+    if any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in parameters):
+        return None
+    like = torch.empty(0)
+    q, k, v = (_probe_input(2 * 2 * rows, 8, like).reshape(2, 2, rows, 8) * scale
+               for rows, scale in ((3, 0.5), (4, 0.7), (4, 1.1)))
+    k = k.flip(2)
+    lengths = torch.tensor([4, 2])
+    mask = (torch.arange(4)[None, :] < lengths[:, None])[:, None, None, :]
+    reference = torch.nn.functional.scaled_dot_product_attention
+    if not (_close(_run_plain(module, q, k, v, lengths), reference(q, k, v, attn_mask=mask))
+            and _close(_run_plain(module, q, k, v), reference(q, k, v))):
+        return None
+    module_ref = weakref.ref(module)
+
+    def key_length_attention_rule(mod, args, kwargs):
+        if module_ref() is not mod or len(args) + len(kwargs) > 4:
+            return NotImplemented
+        values = list(args) + [kwargs.get(name) for name in _KEY_LENGTH_ATTENTION_ARGS[len(args):]]
+        if len(values) != 4 or set(kwargs) - set(_KEY_LENGTH_ATTENTION_ARGS[len(args):]):
+            return NotImplemented
+        q, k, v, key_lengths = values
+        if key_lengths is None or type(key_lengths) is DualTensor:
+            return NotImplemented  # without lengths the per-op path fuses the plain SDPA call
+        (qp, tq), (kp, tk), (vp, tv) = split_dual(q), split_dual(k), split_dual(v)
+        if tq is None and tk is None and tv is None:
+            return NotImplemented
+        result, why = sdpa_pairs(qp, kp, vp, tq, tk, tv, key_lengths=key_lengths)
+        if result is None:
+            record_fallback(f"{type(mod).__name__} (key-length attention)", why)
+            return NotImplemented
+        return wrap_op_result(*result)
+
+    return key_length_attention_rule
 
 
 def _rope_reference(x, cos, sin, interleaved: bool):

@@ -1,0 +1,222 @@
+"""facm_ext.chain block graphs: tangent-mode FSDP2 units replayed from CUDA graphs (facm_ext/chain/_graphs.py).
+
+GPU: one process, an NCCL process group of one rank (FSDP2 gathers, prefetches and reshards as on more ranks),
+tiny LightningDiT and Wan models in bf16 (the fused kernels' path): the replayed JVP equals the eager one for the
+call that captured and for later calls with new inputs, every block is captured and none failed, the gathers per
+block and the most blocks gathered at once are unchanged, and grad mode never uses the graphs. CPU: the settings'
+errors, and that CPU calls run eagerly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import REL_TOL, rel_err, requires_cuda
+
+import facm_ext
+import facm_ext.chain
+from facm_ext.chain import GatherMonitor, _graphs
+
+# Replay runs the eager call's kernels on the same values: equal up to what cuBLAS may choose differently in a
+# capture. A wrong parameter set or a stale argument would be off by O(1).
+REPLAY_TOL = REL_TOL[torch.bfloat16] / 10
+
+
+# ------------------------------------------------------------------------------------------------------------ CPU
+def test_set_block_graphs_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="enabled: expected a bool"):
+        facm_ext.chain.set_block_graphs(1)
+    with pytest.raises(ValueError, match="warmup: expected an int >= 1"):
+        facm_ext.chain.set_block_graphs(True, warmup=0)
+    assert _graphs.SETTINGS.enabled is False
+
+
+def test_cpu_calls_run_eagerly_and_capture_nothing():
+    calls = []
+
+    def run_module(module, args, kwargs):
+        calls.append(module)
+        return args[0] * 2
+
+    block = nn.Linear(2, 2)
+    facm_ext.chain.set_block_graphs(True)
+    try:
+        with torch.no_grad():
+            for _ in range(4):
+                out = _graphs.run(block, (torch.ones(2),), {}, run_module)
+    finally:
+        facm_ext.chain.set_block_graphs(False)
+    assert torch.equal(out, torch.full((2,), 2.0)) and len(calls) == 4
+    assert block not in _graphs._UNITS
+
+
+def test_argument_layout_round_trip_keeps_constants():
+    """Constants that look like the layout's own markers (1, 2) come back as themselves."""
+    from facm_ext.jvp import make_dual, split_dual
+
+    a, ta, b = torch.randn(3), torch.randn(3), torch.randn(2)
+    args, kwargs = (make_dual(a, ta), 1, b, 2), {"scale": 2, "name": "x", "none": None}
+    tensors, signature, spec, layout = _graphs._flat_arguments(args, kwargs, split_dual)
+    assert [t.data_ptr() for t in tensors] == [a.data_ptr(), ta.data_ptr(), b.data_ptr()]
+    assert hash(signature) is not None
+    new_args, new_kwargs = _graphs._rebuild_arguments(tensors, spec, layout, make_dual)
+    assert new_args[1] == 1 and new_args[3] == 2 and new_kwargs == {"scale": 2, "name": "x", "none": None}
+    primal, tangent = split_dual(new_args[0])
+    assert torch.equal(primal, a) and torch.equal(tangent, ta) and new_args[2] is b
+    # The signature tells shapes and constants apart.
+    other = _graphs._flat_arguments((make_dual(a, ta), 2, b, 2), kwargs, split_dual)[1]
+    assert other != signature
+
+
+# ------------------------------------------------------------------------------------------------------------ GPU
+@pytest.fixture(scope="module")
+def one_rank_group(tmp_path_factory):
+    import torch.distributed as dist
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if dist.is_initialized():
+        if dist.get_world_size() != 1 or dist.get_backend() != "nccl":
+            pytest.skip("another process group is active in this process")
+        yield
+        return
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    store = tmp_path_factory.mktemp("pg") / "store"
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1,
+                            device_id=torch.device("cuda", 0))
+    yield
+    dist.destroy_process_group()
+
+
+def _lightningdit():
+    from facm_ext.models import LightningDiT
+
+    torch.manual_seed(0)
+    model = LightningDiT(input_size=4, patch_size=1, in_channels=4, hidden_size=128, depth=3, num_heads=2,
+                         num_classes=10).cuda()
+    _randomize(model)
+    model.feat_rope.to(torch.bfloat16)  # FSDP casts parameters only; fp32 tables would promote q and k
+    y = torch.tensor([1, 7], device="cuda")
+
+    def inputs(seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x = torch.randn(2, 4, 4, 4, generator=g, device="cuda")
+        t = torch.rand(2, generator=g, device="cuda")
+        return (x, t), (torch.randn(x.shape, generator=g, device="cuda"), torch.ones(2, device="cuda"))
+
+    return model, (lambda net: (lambda x, t: net(x, t, y))), inputs
+
+
+def _wan():
+    from facm_ext.models import wan_small
+
+    torch.manual_seed(0)
+    model = wan_small(num_layers=3, dim=128, ffn_dim=256, num_heads=2).cuda()
+    _randomize(model, scale=0.1)
+    context = torch.randn(2, 8, 32, device="cuda")
+    context_lens = torch.tensor([8, 5], device="cuda")
+
+    def inputs(seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x = torch.randn(2, 4, 2, 4, 4, generator=g, device="cuda")
+        t = torch.rand(2, generator=g, device="cuda")
+        return (x, t), (torch.randn(x.shape, generator=g, device="cuda"), torch.ones(2, device="cuda"))
+
+    return model, (lambda net: (lambda x, t: net(x, t, context, seq_len=10, context_lens=context_lens))), inputs
+
+
+def _randomize(model, scale=0.2):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, device="cuda") * scale)
+
+
+def _shard_bf16(model):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+@requires_cuda
+@pytest.mark.parametrize("build", [_lightningdit, _wan], ids=["lightningdit", "wan"])
+def test_replayed_blocks_match_eager(one_rank_group, build):
+    model, make_fn, inputs = build()
+    _shard_bf16(model)
+    fn = make_fn(model)
+    _graphs.reset_block_graphs()
+    expected = {}
+    with torch.no_grad():
+        # The first call autotunes the Triton kernels: its tiles may round differently from the tuned ones.
+        facm_ext.jvp(fn, *inputs(0))
+        for seed in (0, 1):
+            primals, tangents = inputs(seed)
+            expected[seed] = facm_ext.jvp(fn, primals, tangents)  # block graphs off: eager
+    facm_ext.chain.set_block_graphs(True, warmup=1)
+    try:
+        with torch.no_grad():
+            # warmup (eager), capture + replay, replay; then new inputs through the same graphs
+            for call, seed in enumerate((0, 0, 0, 1, 0)):
+                primals, tangents = inputs(seed)
+                with GatherMonitor(model.blocks) as monitor:
+                    out, tangent = facm_ext.jvp(fn, primals, tangents)
+                ref_out, ref_tangent = expected[seed]
+                assert rel_err(out, ref_out) <= REPLAY_TOL, (call, seed, rel_err(out, ref_out))
+                assert rel_err(tangent, ref_tangent) <= REPLAY_TOL, (call, seed, rel_err(tangent, ref_tangent))
+                assert [monitor.gathers[b] for b in model.blocks] == [1] * len(model.blocks)
+                assert monitor.max_gathered <= 2
+        assert _graphs.block_graph_failures() == {}
+        captured = [b for b in model.blocks if any(isinstance(e, _graphs._Graph)
+                                                   for e in _graphs._UNITS.get(b, {}).values())]
+        assert captured == list(model.blocks)
+        # Grad mode runs eagerly: no new capture, and its output keeps its graph.
+        before = {id(b): dict(_graphs._UNITS[b]) for b in model.blocks}
+        primals, tangents = inputs(0)
+        out, tangent = facm_ext.jvp(fn, primals, tangents)
+        assert out.requires_grad and not tangent.requires_grad
+        assert rel_err(out, expected[0][0]) <= REL_TOL[torch.bfloat16]
+        assert all(_graphs._UNITS[b] == before[id(b)] for b in model.blocks)
+    finally:
+        facm_ext.chain.set_block_graphs(False)
+        _graphs.reset_block_graphs()
+
+
+@requires_cuda
+def test_a_block_that_cannot_be_captured_runs_eagerly(one_rank_group):
+    """A host synchronization inside a block fails its capture: recorded, warned, and the block stays eager."""
+    model, make_fn, inputs = _lightningdit()
+    _shard_bf16(model)
+    fn = make_fn(model)
+    with torch.no_grad():
+        primals, tangents = inputs(0)
+        ref_out, ref_tangent = facm_ext.jvp(fn, primals, tangents)
+    block_type = type(model.blocks[0])
+
+    def syncing_rule(module, args, kwargs):
+        torch.cuda.synchronize()  # illegal while capturing
+        return module.forward(*args, **kwargs)
+
+    _graphs.reset_block_graphs()
+    facm_ext.jvp.register_jvp_rule(block_type, syncing_rule)
+    facm_ext.chain.set_block_graphs(True, warmup=1)
+    try:
+        with torch.no_grad():
+            facm_ext.jvp(fn, primals, tangents)
+            with pytest.warns(RuntimeWarning, match="capturing .* failed"):
+                out, tangent = facm_ext.jvp(fn, primals, tangents)
+            out, tangent = facm_ext.jvp(fn, primals, tangents)
+        assert set(_graphs.block_graph_failures()) == {block_type.__name__}
+        assert rel_err(out, ref_out) <= REL_TOL[torch.bfloat16]
+        assert rel_err(tangent, ref_tangent) <= REL_TOL[torch.bfloat16]
+    finally:
+        facm_ext.jvp.register_jvp_rule(block_type, None)
+        facm_ext.chain.set_block_graphs(False)
+        _graphs.reset_block_graphs()
