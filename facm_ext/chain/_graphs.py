@@ -11,9 +11,11 @@ reshards the parameters exactly as before.
 Which calls: tangent mode only (grad disabled), CUDA arguments, no report being collected, not under
 torch.compile, a dispatch mode or a functorch transform, and the unit's parameters plain (unsharded) CUDA tensors
 after FSDP's pre-forward. Anything else runs eagerly. The first ``warmup`` calls of a unit with a given signature
-run eagerly (Triton autotuning, the transform's first-call checks); the next one captures. A capture that fails
-(e.g. a host synchronization inside the block) is recorded in :func:`block_graph_failures` with its reason and
-that unit stays eager.
+run eagerly (Triton autotuning, the transform's first-call checks); the next one runs it once more eagerly with
+torch's sync debug mode set to "error" and, when nothing synchronized with the host, captures it. A unit that
+synchronizes (``.item()``, ``torch.equal``, a data-dependent branch) is recorded in :func:`block_graph_failures`
+with the reason, with a warning, and stays eager. A capture that fails anyway raises: torch leaves its CUDA
+random-number state unusable after a failed capture, so the process cannot go on as if nothing happened.
 
 Memory (what the streaming bound gains): FSDP2 allocates a unit's unsharded parameters anew at every all-gather,
 so a graph cannot read them where they are. Units with the same parameter shapes share one set of static
@@ -186,9 +188,13 @@ def run(module: nn.Module, args: tuple, kwargs: dict, run_module):
         if entry < SETTINGS.warmup:
             entries[signature] = entry + 1
             return run_module(module, args, kwargs)
-        entry = _capture(module, params, tensors, spec, layout, run_module, make_dual, split_dual)
-        if entry is None:
+        reason = _synchronizes(module, args, kwargs, run_module)
+        if reason is not None:
+            _FAILED[module] = reason
+            warnings.warn(f"facm_ext.chain block graphs: {type(module).__name__} cannot be captured ({reason}); it "
+                          "runs eagerly", RuntimeWarning, stacklevel=3)
             return run_module(module, args, kwargs)
+        entry = _capture(module, params, tensors, spec, layout, run_module, make_dual, split_dual)
         entries[signature] = entry
     torch._foreach_copy_(entry.static_args, tensors)
     torch._foreach_copy_(entry.static_params, params)
@@ -207,8 +213,27 @@ def run(module: nn.Module, args: tuple, kwargs: dict, run_module):
     return pytree.tree_unflatten(leaves, entry.out_spec)
 
 
+def _synchronizes(module, args, kwargs, run_module):
+    """Why the unit's forward cannot be captured, or None: one eager run with torch's sync debug mode set to
+    "error", so that a host synchronization (``.item()``, ``torch.equal``, a data-dependent branch) raises here
+    instead of failing a capture. A capture that fails midway leaves torch's CUDA random-number state unusable in
+    the process (later random ops raise "Offset increment outside graph capture"), so it must not be tried."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run_module(module, args, kwargs)
+    except RuntimeError as exc:
+        if "synchroniz" not in str(exc):
+            raise
+        return f"it synchronizes with the host: {exc}"
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    return None
+
+
 def _capture(module, params, tensors, spec, layout, run_module, make_dual, split_dual):
-    """Capture the unit's forward on static buffers; None (and the reason recorded) when that fails."""
+    """Capture the unit's forward on static buffers. A failure raises (see :func:`_synchronizes` for why it
+    cannot be recovered from); the unit is recorded as failed first."""
     device = tensors[0].device if tensors else params[0].device
     static_args = _shared("args", tensors)
     static_params = _shared("params", params)
@@ -250,14 +275,13 @@ def _capture(module, params, tensors, spec, layout, run_module, make_dual, split
                 static_outputs = _shared("outputs", produced)
                 for target, source in zip(static_outputs, produced):
                     target.copy_(source)
-    except Exception as exc:  # noqa: BLE001  (recorded, reported by block_graph_failures, and the unit runs eagerly)
+    except Exception as exc:
         _FAILED[module] = f"{type(exc).__name__}: {exc}"
-        # A capture that failed midway can leave its pool registered as recording for its stream: later captures
-        # take a new pool on a new stream.
-        _POOLS.pop(device, None)
-        warnings.warn(f"facm_ext.chain block graphs: capturing {type(module).__name__} failed ({exc}); it runs "
-                      "eagerly", RuntimeWarning, stacklevel=3)
-        return None
+        _POOLS.pop(device, None)  # a failed capture can leave its pool registered as recording for its stream
+        raise RuntimeError(
+            f"facm_ext.chain block graphs: capturing {type(module).__name__} failed ({exc}). A failed CUDA graph "
+            "capture leaves torch's CUDA random-number state unusable in this process; turn block graphs off for "
+            "this model (facm_ext.chain.set_block_graphs(False)).") from exc
     finally:
         for owner, name, p in swapped:
             owner._parameters[name] = p
