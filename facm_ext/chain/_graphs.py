@@ -88,7 +88,7 @@ _POOLS: dict = {}
 
 
 def block_graph_failures() -> dict:
-    """{unit class name: reason} for the units whose capture failed (they run eagerly)."""
+    """{unit class name: reason} for the units block graphs turned down (they run eagerly)."""
     return {type(unit).__name__: reason for unit, reason in _FAILED.items()}
 
 
@@ -165,7 +165,9 @@ def _shared(kind: str, like: list) -> list:
     key = (kind, tuple(_tensor_signature(t) for t in like))
     buffers = _BUFFERS.get(key)
     if buffers is None:
-        buffers = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device) for t in like]
+        # empty_like keeps the strides of a dense tensor (the capture sees the layout the eager call saw) and
+        # lays out an overlapping one (an expanded view) densely, so that copying into it is well defined.
+        buffers = [torch.empty_like(t) for t in like]
         _BUFFERS[key] = buffers
     return buffers
 
@@ -188,7 +190,7 @@ def run(module: nn.Module, args: tuple, kwargs: dict, run_module):
         if entry < SETTINGS.warmup:
             entries[signature] = entry + 1
             return run_module(module, args, kwargs)
-        reason = _synchronizes(module, args, kwargs, run_module)
+        reason = _why_not_capturable(module, args, kwargs, run_module, split_dual)
         if reason is not None:
             _FAILED[module] = reason
             warnings.warn(f"facm_ext.chain block graphs: {type(module).__name__} cannot be captured ({reason}); it "
@@ -213,27 +215,33 @@ def run(module: nn.Module, args: tuple, kwargs: dict, run_module):
     return pytree.tree_unflatten(leaves, entry.out_spec)
 
 
-def _synchronizes(module, args, kwargs, run_module):
+def _why_not_capturable(module, args, kwargs, run_module, split_dual):
     """Why the unit's forward cannot be captured, or None: one eager run with torch's sync debug mode set to
     "error", so that a host synchronization (``.item()``, ``torch.equal``, a data-dependent branch) raises here
-    instead of failing a capture. A capture that fails midway leaves torch's CUDA random-number state unusable in
-    the process (later random ops raise "Offset increment outside graph capture"), so it must not be tried."""
+    instead of failing a capture, and a look at its outputs (tensors and None only). A capture that fails midway
+    leaves torch's CUDA random-number state unusable in the process (later random ops raise "Offset increment
+    outside graph capture"), so it must not be tried."""
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        run_module(module, args, kwargs)
+        output = run_module(module, args, kwargs)
     except RuntimeError as exc:
         if "synchroniz" not in str(exc):
             raise
         return f"it synchronizes with the host: {exc}"
     finally:
         torch.cuda.set_sync_debug_mode(previous)
+    for leaf in pytree.tree_leaves(output):
+        if leaf is not None and not isinstance(leaf, torch.Tensor):
+            return f"it returns a {type(leaf).__name__}; only tensors (and None) can be replayed"
+        if isinstance(leaf, torch.Tensor) and not all(t is None or t.is_cuda for t in split_dual(leaf)):
+            return "it returns a tensor that is not on a CUDA device"
     return None
 
 
 def _capture(module, params, tensors, spec, layout, run_module, make_dual, split_dual):
-    """Capture the unit's forward on static buffers. A failure raises (see :func:`_synchronizes` for why it
-    cannot be recovered from); the unit is recorded as failed first."""
+    """Capture the unit's forward on static buffers. A failure raises (see :func:`_why_not_capturable` for why
+    it cannot be recovered from); the unit is recorded as failed first."""
     device = tensors[0].device if tensors else params[0].device
     static_args = _shared("args", tensors)
     static_params = _shared("params", params)
@@ -260,18 +268,15 @@ def _capture(module, params, tensors, spec, layout, run_module, make_dual, split
                 output = run_module(module, *static_call)
                 out_leaves, out_spec = pytree.tree_flatten(output)
                 produced, out_has_tangent = [], []
-                for leaf in out_leaves:
-                    if isinstance(leaf, torch.Tensor):
-                        primal, tangent = split_dual(leaf)
-                        produced.append(primal)
-                        if tangent is not None:
-                            produced.append(tangent)
-                        out_has_tangent.append(tangent is not None)
-                    elif leaf is None:
+                for leaf in out_leaves:  # tensors and None (checked by the eager probe)
+                    if leaf is None:
                         out_has_tangent.append(None)
-                    else:
-                        raise TypeError(f"block graphs: {type(module).__name__} returned a "
-                                        f"{type(leaf).__name__}; only tensors (and None) can be replayed")
+                        continue
+                    primal, tangent = split_dual(leaf)
+                    produced.append(primal)
+                    if tangent is not None:
+                        produced.append(tangent)
+                    out_has_tangent.append(tangent is not None)
                 static_outputs = _shared("outputs", produced)
                 for target, source in zip(static_outputs, produced):
                     target.copy_(source)
