@@ -756,7 +756,9 @@ def test_attention_module_keeps_hooks_rules_and_handlers():
 
 
 
-def test_wan_attention_modules_run_on_pairs_and_keep_hooks():
+def _tiny_wan_case():
+    """A tiny float64 Wan with padded text (key lengths), its JVP inputs and the torch.func.jvp reference; the
+    transform has seen it once (recognition and verification)."""
     from facm_ext.models.wan import wan_small
 
     wan = wan_small(num_layers=2)
@@ -771,6 +773,11 @@ def test_wan_attention_modules_run_on_pairs_and_keep_hooks():
     with sdpa_kernel(SDPBackend.MATH):
         ref, tref = torch.func.jvp(func, primals, tangents)
     facm_ext.jvp(func, primals, tangents)  # recognition and verification
+    return wan, func, primals, tangents, ref, tref
+
+
+def test_wan_attention_modules_run_on_pairs_and_keep_hooks():
+    wan, func, primals, tangents, ref, tref = _tiny_wan_case()
     out, tout, report = facm_ext.jvp(func, primals, tangents, report=True)
     assert_rel_close(tout, tref, F64, what="tangent")
     for name in ("Tensor.transpose", "Tensor.unflatten", "Tensor.flatten"):
@@ -791,20 +798,9 @@ def test_key_length_attention_passes_lengths_without_reading_the_mask(monkeypatc
     """Wan's key-length attention goes to attention_jvp with its lengths; the per-op path's mask check (a device
     synchronization, which CUDA graphs cannot capture) never runs. A module that ignores the lengths is not taken
     for one."""
-    from facm_ext.models.wan import KeyLengthAttention, wan_small
+    from facm_ext.models.wan import KeyLengthAttention
 
-    wan = wan_small(num_layers=2)
-    with torch.no_grad():
-        for p in wan.parameters():
-            p.normal_(0.0, 0.2)
-    wan.double()
-    context, context_lens = randn(2, 8, 32), torch.tensor([8, 5])
-    func = lambda x, t: wan(x, t, context, seq_len=6, context_lens=context_lens)  # noqa: E731
-    primals = (randn(2, 4, 1, 4, 4), torch.rand(2, dtype=F64))
-    tangents = (randn(*primals[0].shape), torch.ones_like(primals[1]))
-    with sdpa_kernel(SDPBackend.MATH):
-        ref, tref = torch.func.jvp(func, primals, tangents)
-    facm_ext.jvp(func, primals, tangents)  # recognition and verification
+    wan, func, primals, tangents, ref, tref = _tiny_wan_case()
 
     def no_mask_reading(*args):
         raise AssertionError("the mask of a key-length attention module was read")

@@ -31,6 +31,7 @@ a stale address: keep block graphs off for such models.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import warnings
 import weakref
@@ -65,16 +66,16 @@ def set_block_graphs(enabled: bool, *, warmup: int = 2) -> None:
     SETTINGS.warmup = warmup
 
 
+@dataclasses.dataclass(slots=True)
 class _Graph:
-    __slots__ = ("graph", "static_args", "static_params", "static_outputs", "out_spec", "out_has_tangent")
+    """One unit's captured forward and the static buffers it reads and writes."""
 
-    def __init__(self, graph, static_args, static_params, static_outputs, out_spec, out_has_tangent):
-        self.graph = graph
-        self.static_args = static_args
-        self.static_params = static_params
-        self.static_outputs = static_outputs
-        self.out_spec = out_spec
-        self.out_has_tangent = out_has_tangent
+    graph: "torch.cuda.CUDAGraph"
+    static_args: list  # primal and tangent tensors of the arguments, in argument order
+    static_params: list  # the unit's parameters, in module.parameters() order
+    static_outputs: list  # primal and tangent tensors of the outputs
+    out_spec: pytree.TreeSpec
+    out_has_tangent: list  # per output leaf: True / False, None for a None leaf
 
 
 # unit -> {signature: eager call count (int) or its captured _Graph}
