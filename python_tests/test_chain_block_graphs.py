@@ -72,6 +72,86 @@ def test_argument_layout_round_trip_keeps_constants():
     assert other != signature
 
 
+class _FakeGraph:
+    """Stands in for a captured CUDA graph on the CPU: replay computes the block from the static buffers, as the
+    captured kernels would."""
+
+    def __init__(self, module, static_args, static_params, static_outputs):
+        self.module, self.args, self.params, self.outputs = module, static_args, static_params, static_outputs
+        self.replays = 0
+
+    def replay(self):
+        x, tx, c = self.args
+        weight, bias = self.params
+        self.outputs[0].copy_(x @ weight.t() + bias + c)
+        self.outputs[1].copy_(tx @ weight.t())
+        self.replays += 1
+
+
+def test_replay_plumbing_on_the_cpu(monkeypatch):
+    """run(): warmup calls eager, then the probe, then one capture per signature; every later call copies its
+    arguments and the unit's current parameters into the static buffers, replays, and returns fresh duals. A
+    unit the probe turns down stays eager, with a warning. (Real captures: the GPU tests below.)"""
+    from facm_ext.jvp import make_dual, split_dual
+
+    block = nn.Linear(3, 3).double()
+    eager_calls, captures = [], []
+
+    def run_module(module, args, kwargs):
+        eager_calls.append(1)
+        x, c = args
+        x_p, x_t = split_dual(x)
+        return make_dual(x_p @ module.weight.t() + module.bias + c, x_t @ module.weight.t())
+
+    def fake_capture(module, params, tensors, spec, layout, run_module_, make_dual_, split_dual_):
+        static_args = _graphs._shared("args", tensors)
+        static_params = _graphs._shared("params", params)
+        static_outputs = [torch.empty_like(tensors[0]), torch.empty_like(tensors[1])]
+        graph = _FakeGraph(module, static_args, static_params, static_outputs)
+        captures.append(graph)
+        out_spec = torch.utils._pytree.tree_flatten(torch.zeros(1))[1]
+        return _graphs._Graph(graph, static_args, static_params, static_outputs, out_spec, [True])
+
+    monkeypatch.setattr(_graphs, "_all_cuda", lambda tensors: True)
+    monkeypatch.setattr(_graphs, "_why_not_capturable", lambda *a: None)
+    monkeypatch.setattr(_graphs, "_capture", fake_capture)
+    _graphs.reset_block_graphs()
+    facm_ext.chain.set_block_graphs(True, warmup=2)
+    try:
+        with torch.no_grad():
+            outputs = []
+            for seed in range(5):
+                g = torch.Generator().manual_seed(seed)
+                x, tx, c = (torch.randn(2, 3, generator=g, dtype=torch.float64) for _ in range(3))
+                if seed == 4:
+                    block.weight.add_(1.0)  # parameters change between calls: the replay reads the new ones
+                out = _graphs.run(block, (make_dual(x, tx), c), {}, run_module)
+                out_p, out_t = split_dual(out)
+                torch.testing.assert_close(out_p, x @ block.weight.t() + block.bias + c)
+                torch.testing.assert_close(out_t, tx @ block.weight.t())
+                outputs.append(out_p)
+        assert len(eager_calls) == 2 and len(captures) == 1 and captures[0].replays == 3
+        assert outputs[2].data_ptr() != captures[0].outputs[0].data_ptr()  # a fresh tensor, not the buffer
+        # Another signature (batch 4) is a new capture.
+        with torch.no_grad():
+            for _ in range(3):
+                x = torch.randn(4, 3, dtype=torch.float64)
+                _graphs.run(block, (make_dual(x, x), x), {}, run_module)
+        assert len(captures) == 2
+        # A unit the probe turns down.
+        other = nn.Linear(3, 3).double()
+        monkeypatch.setattr(_graphs, "_why_not_capturable", lambda *a: "it synchronizes with the host: test")
+        eager_calls.clear()
+        with torch.no_grad(), pytest.warns(RuntimeWarning, match="cannot be captured"):
+            for _ in range(4):
+                _graphs.run(other, (make_dual(x, x), x), {}, run_module)
+        assert len(eager_calls) == 4 and len(captures) == 2
+        assert _graphs.block_graph_failures() == {"Linear": "it synchronizes with the host: test"}
+    finally:
+        facm_ext.chain.set_block_graphs(False)
+        _graphs.reset_block_graphs()
+
+
 # ------------------------------------------------------------------------------------------------------------ GPU
 @pytest.fixture(scope="module")
 def one_rank_group(tmp_path_factory):

@@ -153,13 +153,17 @@ def _rebuild_arguments(tensors: list, spec, layout: list, make_dual):
 
 
 def _parameters(module: nn.Module):
-    """The unit's parameters in a fixed order, or None when one is not a plain CUDA tensor (still sharded, a
-    DTensor, on the CPU)."""
+    """The unit's parameters in a fixed order, or None when one is not a plain tensor (still sharded: a
+    DTensor)."""
     params = list(module.parameters())
     for p in params:
-        if type(p) not in (nn.Parameter, torch.Tensor) or not p.is_cuda:
+        if type(p) not in (nn.Parameter, torch.Tensor):
             return None
     return params
+
+
+def _all_cuda(tensors: list) -> bool:
+    return all(t.is_cuda for t in tensors)
 
 
 def _shared(kind: str, like: list) -> list:
@@ -181,7 +185,7 @@ def run(module: nn.Module, args: tuple, kwargs: dict, run_module):
 
     tensors, signature, spec, layout = _flat_arguments(args, kwargs, split_dual)
     params = _parameters(module)
-    if params is None or not all(t.is_cuda for t in tensors):
+    if params is None or not _all_cuda(tensors + params):
         return run_module(module, args, kwargs)
     signature = signature + tuple(_tensor_signature(p) for p in params) + (
         torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
