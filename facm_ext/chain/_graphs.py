@@ -104,7 +104,7 @@ def reset_block_graphs() -> None:
 def _eligible_context() -> bool:
     from facm_ext.jvp._dual import STATE
 
-    return (SETTINGS.enabled and not torch.is_grad_enabled() and STATE.report is None
+    return (not torch.is_grad_enabled() and STATE.report is None
             and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
             and torch._C._functorch.peek_interpreter_stack() is None)
 
@@ -179,7 +179,7 @@ def _shared(kind: str, like: list) -> list:
 
 def run(module: nn.Module, args: tuple, kwargs: dict, run_module):
     """``run_module(module, args, kwargs)``, replayed from the unit's CUDA graph where block graphs apply."""
-    if not SETTINGS.enabled or not _eligible_context() or module in _FAILED:
+    if not SETTINGS.enabled or module in _FAILED or not _eligible_context():
         return run_module(module, args, kwargs)
     from facm_ext.jvp import make_dual, split_dual
 

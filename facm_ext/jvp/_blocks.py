@@ -195,14 +195,6 @@ def _widen(value, dtype: torch.dtype):
     return primal.to(dtype)
 
 
-def _forward_parameters(module: nn.Module) -> Optional[list]:
-    """The parameters of ``module.forward``'s signature, or None where Python cannot tell them (builtins, C)."""
-    try:
-        return list(inspect.signature(module.forward).parameters.values())
-    except (TypeError, ValueError):
-        return None
-
-
 def _verified_once(verdict: dict, mod: nn.Module, kind: str, make_sample, fused_forward) -> bool:
     """Whether a fused rule may run for this module instance: on the first call its fused forward is checked against
     the module's own forward (:func:`_verify`) on ``make_sample()`` (None: the call is not in the ``kind`` form) and
@@ -400,7 +392,7 @@ def attention_module_rule(module: nn.Module):
     if (qkv.in_features, qkv.out_features, proj.in_features, proj.out_features) != (channels, 3 * channels,
                                                                                    channels, channels):
         return None
-    parameters = _forward_parameters(module)
+    parameters = _modules.forward_parameters(module)
     if parameters is None:
         return None
     names = [p.name for p in parameters]
@@ -559,7 +551,7 @@ def wan_attention_rule(module: nn.Module):
     for name in ("q", "k", "v", "o"):
         if type(children[name]) is not nn.Linear or children[name].out_features != channels:
             return None
-    parameters = _forward_parameters(module)
+    parameters = _modules.forward_parameters(module)
     if parameters is None:
         return None
     names = [p.name for p in parameters]

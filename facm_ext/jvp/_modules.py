@@ -32,6 +32,7 @@ fused at function level, so their hooks keep working.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import weakref
 from typing import Any, Callable, Optional
@@ -279,6 +280,14 @@ def _close(out, ref: torch.Tensor) -> bool:
     return diff <= tol * max(ref.double().norm().item(), 1e-12)
 
 
+def forward_parameters(module: nn.Module) -> Optional[list]:
+    """The parameters of ``module.forward``'s signature, or None where Python cannot tell them (builtins, C)."""
+    try:
+        return list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+
+
 def _run_plain(module: nn.Module, *inputs: torch.Tensor):
     """The module's forward on plain probe inputs, with the transform inactive, no grad and no autocast; None when
     the forward rejects them (then the module is not the pattern being probed)."""
@@ -463,13 +472,9 @@ def _key_length_attention_like(module: nn.Module):
     with and without lengths."""
     if module._parameters or module._buffers or any(True for _ in module.children()):
         return None
-    try:
-        import inspect
-
-        parameters = list(inspect.signature(module.forward).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    if [p.name for p in parameters] != _KEY_LENGTH_ATTENTION_ARGS or parameters[3].default is not None:
+    parameters = forward_parameters(module)
+    if parameters is None or [p.name for p in parameters] != _KEY_LENGTH_ATTENTION_ARGS \
+            or parameters[3].default is not None:
         return None
     if any(p.kind is not p.POSITIONAL_OR_KEYWORD for p in parameters):
         return None
@@ -488,9 +493,9 @@ def _key_length_attention_like(module: nn.Module):
     def key_length_attention_rule(mod, args, kwargs):
         if module_ref() is not mod or len(args) + len(kwargs) > 4:
             return NotImplemented
-        values = list(args) + [kwargs.get(name) for name in _KEY_LENGTH_ATTENTION_ARGS[len(args):]]
-        if len(values) != 4 or set(kwargs) - set(_KEY_LENGTH_ATTENTION_ARGS[len(args):]):
+        if set(kwargs) - set(_KEY_LENGTH_ATTENTION_ARGS[len(args):]):
             return NotImplemented
+        values = list(args) + [kwargs.get(name) for name in _KEY_LENGTH_ATTENTION_ARGS[len(args):]]
         q, k, v, key_lengths = values
         if key_lengths is None or type(key_lengths) is DualTensor:
             return NotImplemented  # without lengths the per-op path fuses the plain SDPA call
@@ -539,13 +544,8 @@ def _rope_like(module: nn.Module):
     if buffers:
         return None
     # forward(x, cos, sin): probe with small random-looking tables.
-    try:
-        import inspect
-
-        parameters = list(inspect.signature(module.forward).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    if len(parameters) != 3 or any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters):
+    parameters = forward_parameters(module)
+    if parameters is None or len(parameters) != 3 or any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters):
         return None
     like = torch.empty(0)
     tokens, head_dim = 3, 8
