@@ -188,15 +188,17 @@ def timed(fn, *, warmup: int, iters: int) -> float:
     return _harness.event_median_ms(fn, iters=iters)
 
 
-def peak_gib(fn) -> float:
+def peak_gib(fn) -> tuple[float, float]:
+    """(peak allocated, peak reserved) GiB of one call. Reserved counts too: a CUDA graph's pool keeps memory for
+    its intermediates that the allocator does not count as allocated between replays."""
     if not torch.cuda.is_available():
         fn()
-        return float("nan")
+        return float("nan"), float("nan")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / GIB
+    return torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB
 
 
 def local_bytes(params) -> int:
@@ -434,7 +436,7 @@ def run_model(spec, args, rank: int, device) -> dict:
         model.zero_grad(set_to_none=True)
     for mode in modes:
         result[f"{mode}_ms"] = timed(steps[mode], warmup=args.warmup, iters=args.iters)
-        result[f"{mode}_peak_gib"] = peak_gib(steps[mode])
+        result[f"{mode}_peak_gib"], result[f"{mode}_reserved_gib"] = peak_gib(steps[mode])
         model.zero_grad(set_to_none=True)
 
     # The grad step and FSDP2's own forward + backward of the same model, so their overlap can be compared.
@@ -481,15 +483,26 @@ def run_baseline(spec, args, device) -> dict:
     for mode in modes:
         steps[mode]()
         result[f"baseline_{mode}_ms"] = timed(steps[mode], warmup=args.warmup, iters=args.iters)
-        result[f"baseline_{mode}_peak_gib"] = peak_gib(steps[mode])
+        result[f"baseline_{mode}_peak_gib"], result[f"baseline_{mode}_reserved_gib"] = peak_gib(steps[mode])
         model.zero_grad(set_to_none=True)
-    if args.block_graphs and "tangent" in modes and device.type == "cuda":
-        # The chain's tangent mode replays CUDA graphs then: compare it with one GPU's whole-model graph as well.
-        with torch.no_grad():
+    if args.block_graphs and device.type == "cuda":
+        # The chain replays CUDA graphs then: compare it with one GPU's whole-model graph as well.
+        if "tangent" in modes:
+            with torch.no_grad():
+                graphed = facm_ext.jvp.graph(steps["fn"], primals, tangents, module=model)
+                result["baseline_tangent_graph_ms"] = timed(lambda: graphed(primals, tangents),
+                                                            warmup=args.warmup, iters=args.iters)
+            del graphed
+        if "grad" in modes:
             graphed = facm_ext.jvp.graph(steps["fn"], primals, tangents, module=model)
-            result["baseline_tangent_graph_ms"] = timed(lambda: graphed(primals, tangents), warmup=args.warmup,
-                                                        iters=args.iters)
-        del graphed
+
+            def graphed_grad_step():
+                out, tangent = graphed(primals, tangents)
+                (out.float() * tangent.float()).mean().backward()
+
+            result["baseline_grad_graph_ms"] = timed(graphed_grad_step, warmup=args.warmup, iters=args.iters)
+            model.zero_grad(set_to_none=True)
+            del graphed, graphed_grad_step
     for mode in ("grad", "plain_grad"):
         if mode not in modes:
             continue
@@ -561,13 +574,16 @@ def print_table(r: dict, prefetch: int) -> None:
               f"{r[f'{mode}_max_gathered']} |")
     if r.get("block_graphs"):
         failures = r.get("block_graph_failures") or {}
-        line = ("tangent mode replayed each block from a CUDA graph (facm_ext.chain.set_block_graphs)"
-                + (f"; captures failed: {failures}" if failures else "; every capture succeeded"))
-        if r.get("baseline_tangent_graph_ms") and "tangent_ms" in r and not per_block:
-            base = r["baseline_tangent_graph_ms"]
-            line += (f". 1 GPU, whole-model CUDA graph (facm_ext.jvp.graph): {base:.1f} ms, chain speed vs it "
-                     f"{base / r['tangent_ms']:.2f}x")
-        print(line)
+        print("each block replayed from CUDA graphs (facm_ext.chain.set_block_graphs; grad mode: forward and "
+              "backward graphs)" + (f"; captures failed: {failures}" if failures else "; every capture succeeded"))
+        for mode in ("tangent", "grad"):
+            base = r.get(f"baseline_{mode}_graph_ms")
+            if base and f"{mode}_ms" in r and not per_block:
+                print(f"{mode}: 1 GPU, whole-model CUDA graph (facm_ext.jvp.graph) {base:.1f} ms, chain speed vs it "
+                      f"{base / r[f'{mode}_ms']:.2f}x")
+    reserved = [f"{mode} {r[f'{mode}_reserved_gib']:.2f}" for mode in MODE_LABELS if f"{mode}_reserved_gib" in r]
+    if reserved:
+        print("peak reserved GiB (allocator and graph pools): " + ", ".join(reserved))
     for label, prefix in (("grad step", ""), ("plain fwd+bwd step (FSDP2 alone)", "plain_grad_")):
         if prefix + "allgather_ms" not in r:
             continue
@@ -616,7 +632,8 @@ def main() -> None:
                         help="also time the host issue of the JVP forward call (tangent vs grad mode) and print the "
                              "N functions with the most host time in a grad-mode forward (cProfile, rank 0)")
     parser.add_argument("--block-graphs", action="store_true",
-                        help="tangent mode: replay each FSDP2 block from a CUDA graph (facm_ext.chain.set_block_graphs)")
+                        help="replay each FSDP2 block from CUDA graphs, in tangent and grad mode "
+                             "(facm_ext.chain.set_block_graphs)")
     parser.add_argument("--json", default="")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU + gloo with tiny models: exercises the script, measures nothing meaningful")

@@ -2,9 +2,10 @@
 
 GPU: one process, an NCCL process group of one rank (FSDP2 gathers, prefetches and reshards as on more ranks),
 tiny LightningDiT and Wan models in bf16 (the fused kernels' path): the replayed JVP equals the eager one for the
-call that captured and for later calls with new inputs, every block is captured and none failed, the gathers per
-block and the most blocks gathered at once are unchanged, and grad mode never uses the graphs. CPU: the settings'
-errors, and that CPU calls run eagerly.
+call that captured and for later calls with new inputs, in tangent mode and in grad mode (outputs, tangents and
+FSDP2-reduced parameter gradients), every block is captured and none failed, the gathers per block and the most
+blocks gathered at once are unchanged, and ``grad=False`` keeps grad mode eager. CPU: the settings' errors, that
+CPU calls run eagerly, and the replay plumbing of both modes with stand-in graphs.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def test_set_block_graphs_rejects_bad_arguments():
         facm_ext.chain.set_block_graphs(1)
     with pytest.raises(ValueError, match="warmup: expected an int >= 1"):
         facm_ext.chain.set_block_graphs(True, warmup=0)
+    with pytest.raises(ValueError, match="grad: expected a bool"):
+        facm_ext.chain.set_block_graphs(True, grad=None)
     assert _graphs.SETTINGS.enabled is False
 
 
@@ -103,7 +106,7 @@ def test_replay_plumbing_on_the_cpu(monkeypatch):
         x_p, x_t = split_dual(x)
         return make_dual(x_p @ module.weight.t() + module.bias + c, x_t @ module.weight.t())
 
-    def fake_capture(module, params, tensors, spec, layout, run_module_, make_dual_, split_dual_):
+    def fake_capture(module, params, tensors, spec, layout, run_module_, make_dual_, split_dual_, probe):
         static_args = _graphs._shared("args", tensors)
         static_params = _graphs._shared("params", params)
         static_outputs = [torch.empty_like(tensors[0]), torch.empty_like(tensors[1])]
@@ -113,7 +116,7 @@ def test_replay_plumbing_on_the_cpu(monkeypatch):
         return _graphs._Graph(graph, static_args, static_params, static_outputs, out_spec, [True])
 
     monkeypatch.setattr(_graphs, "_all_cuda", lambda tensors: True)
-    monkeypatch.setattr(_graphs, "_why_not_capturable", lambda *a: None)
+    monkeypatch.setattr(_graphs, "_probe", lambda *a, **k: [])
     monkeypatch.setattr(_graphs, "_capture", fake_capture)
     _graphs.reset_block_graphs()
     facm_ext.chain.set_block_graphs(True, warmup=2)
@@ -140,13 +143,136 @@ def test_replay_plumbing_on_the_cpu(monkeypatch):
         assert len(captures) == 2
         # A unit the probe turns down.
         other = nn.Linear(3, 3).double()
-        monkeypatch.setattr(_graphs, "_why_not_capturable", lambda *a: "it synchronizes with the host: test")
+        monkeypatch.setattr(_graphs, "_probe", lambda *a, **k: "it synchronizes with the host: test")
         eager_calls.clear()
         with torch.no_grad(), pytest.warns(RuntimeWarning, match="cannot be captured"):
             for _ in range(4):
                 _graphs.run(other, (make_dual(x, x), x), {}, run_module)
         assert len(eager_calls) == 4 and len(captures) == 2
         assert _graphs.block_graph_failures() == {"Linear": "it synchronizes with the host: test"}
+    finally:
+        facm_ext.chain.set_block_graphs(False)
+        _graphs.reset_block_graphs()
+
+
+class _FakeGradGraphs:
+    """Stand-ins for a unit's grad-mode forward and backward graphs on the CPU (a linear block
+    ``out = x @ W.T + b + c``, tangent ``tx @ W.T``): the forward keeps what a captured forward would save (x)
+    in its own memory, the backward reads it from there and the parameters from the static buffers."""
+
+    def __init__(self, entry_buffers):
+        self.args, self.params, self.outputs, self.grad_outputs, self.grads = entry_buffers
+        self.saved_x = torch.empty_like(self.args[0])
+
+    def forward_replay(self):
+        x, tx, c = self.args
+        weight, bias = self.params
+        self.saved_x.copy_(x)
+        self.outputs[0].copy_(x @ weight.t() + bias + c)
+        self.outputs[1].copy_(tx @ weight.t())
+
+    def backward_replay(self):
+        (g,) = self.grad_outputs
+        weight, _ = self.params
+        grad_x, grad_c, grad_w, grad_b = self.grads
+        grad_x.copy_(g @ weight)
+        grad_c.copy_(g)
+        grad_w.copy_(g.t() @ self.saved_x)
+        grad_b.copy_(g.sum(0))
+
+
+def test_grad_mode_replay_plumbing_on_the_cpu(monkeypatch):
+    """Grad mode: a captured unit's call returns outputs whose backward replays the backward graph; gradients of
+    the arguments and of the unit's current parameters equal eager autograd's (accumulated into ``.grad``), the
+    tangent carries no graph, and a backward whose saved activations a later replay overwrote raises instead of
+    returning wrong gradients. (Real captures: the GPU tests below.)"""
+    import types
+
+    from facm_ext.jvp import make_dual, split_dual
+
+    def run_module(module, args, kwargs):
+        x, c = args
+        x_p, x_t = split_dual(x)
+        return make_dual(x_p @ module.weight.t() + module.bias + c, x_t @ module.weight.t())
+
+    pool = _graphs._Pool((0, 0), None)
+    fakes = {}
+
+    def fake_capture_grad(module, params, tensors, spec, layout, run_module_, make_dual_, split_dual_, probe):
+        static = [_graphs._shared("args", tensors), _graphs._shared("params", params),
+                  [torch.empty_like(tensors[0]), torch.empty_like(tensors[1])], [torch.empty_like(tensors[0])],
+                  [torch.empty_like(tensors[0]), torch.empty_like(tensors[2])] + [torch.empty_like(p) for p in params]]
+        fake = fakes[module] = _FakeGradGraphs(static)
+        out_spec = torch.utils._pytree.tree_flatten(torch.zeros(1))[1]
+        position = pool.captured
+        pool.captured += 1
+        return _graphs._GradGraph(
+            types.SimpleNamespace(replay=fake.forward_replay), types.SimpleNamespace(replay=fake.backward_replay),
+            pool, position, static[0], static[1], static[2], out_spec, [True], [True, False], static[3],
+            [static[4][0], None, static[4][1]] + static[4][2:], [])
+
+    monkeypatch.setattr(_graphs, "_all_cuda", lambda tensors: True)
+    monkeypatch.setattr(_graphs, "_probe", lambda *a, **k: [])
+    monkeypatch.setattr(_graphs, "_capture_grad", fake_capture_grad)
+    torch.manual_seed(0)
+    blocks = [nn.Linear(3, 3).double() for _ in range(2)]
+
+    def inputs(seed):
+        g = torch.Generator().manual_seed(seed)
+        x, tx, c = (torch.randn(2, 3, generator=g, dtype=torch.float64) for _ in range(3))
+        return x.requires_grad_(), tx, c.requires_grad_()
+
+    def chain(x, tx, c, *, graphs):
+        """Two units in a row, then a loss; returns (loss, tangent out)."""
+        h = make_dual(x, tx)
+        for block in blocks:
+            h = _graphs.run(block, (h, c), {}, run_module) if graphs else run_module(block, (h, c), {})
+        out, tangent = split_dual(h)
+        return (out * torch.arange(3.0, dtype=torch.float64)).sum(), tangent
+
+    def gradients(seed, *, graphs):
+        for block in blocks:
+            block.zero_grad(set_to_none=True)
+        x, tx, c = inputs(seed)
+        loss, tangent = chain(x, tx, c, graphs=graphs)
+        assert not tangent.requires_grad
+        loss.backward()
+        return [x.grad, c.grad] + [p.grad.clone() for b in blocks for p in b.parameters()], tangent
+
+    _graphs.reset_block_graphs()
+    facm_ext.chain.set_block_graphs(True, warmup=1)
+    try:
+        for call, seed in enumerate((0, 0, 1, 2)):  # warmup (eager), capture + replay, two replays
+            got, got_tangent = gradients(seed, graphs=True)
+            expected, expected_tangent = gradients(seed, graphs=False)
+            for a, b in zip(got, expected):
+                torch.testing.assert_close(a, b)
+            torch.testing.assert_close(got_tangent, expected_tangent)
+        assert set(fakes) == set(blocks)
+        # Gradient accumulation: a second backward pass adds to .grad as eager autograd does.
+        x, tx, c = inputs(3)
+        for block in blocks:
+            block.zero_grad(set_to_none=True)
+        chain(x, tx, c, graphs=True)[0].backward()
+        chain(x, tx, c, graphs=True)[0].backward()
+        accumulated = [p.grad.clone() for b in blocks for p in b.parameters()]
+        once = gradients(3, graphs=False)[0][2:]
+        for a, b in zip(accumulated, once):
+            torch.testing.assert_close(a, 2 * b)
+        # Two grad-mode calls before their backward: the second replay overwrote the first call's activations.
+        x, tx, c = inputs(4)
+        first = chain(x, tx, c, graphs=True)[0]
+        second = chain(x, tx, c, graphs=True)[0]
+        second.backward()
+        with pytest.raises(RuntimeError, match="activations this backward needs were overwritten"):
+            first.backward()
+        # Replaying an earlier-captured unit alone forgets the later ones (their memory may be reused) but not the
+        # unit's own forward when only its backward ran in between.
+        h = make_dual(x, tx)
+        first_out = _graphs.run(blocks[1], (h, c), {}, run_module)
+        _graphs.run(blocks[0], (h, c), {}, run_module)
+        with pytest.raises(RuntimeError, match="overwritten"):
+            split_dual(first_out)[0].sum().backward()
     finally:
         facm_ext.chain.set_block_graphs(False)
         _graphs.reset_block_graphs()
@@ -257,13 +383,61 @@ def test_replayed_blocks_match_eager(one_rank_group, build):
         captured = [b for b in model.blocks if any(isinstance(e, _graphs._Graph)
                                                    for e in _graphs._UNITS.get(b, {}).values())]
         assert captured == list(model.blocks)
-        # Grad mode runs eagerly: no new capture, and its output keeps its graph.
+        # Grad mode with grad=False runs eagerly: no new capture, and its output keeps its graph.
+        facm_ext.chain.set_block_graphs(True, warmup=1, grad=False)
         before = {id(b): dict(_graphs._UNITS[b]) for b in model.blocks}
         primals, tangents = inputs(0)
-        out, tangent = facm_ext.jvp(fn, primals, tangents)
+        for _ in range(3):
+            out, tangent = facm_ext.jvp(fn, primals, tangents)
         assert out.requires_grad and not tangent.requires_grad
         assert rel_err(out, expected[0][0]) <= REL_TOL[torch.bfloat16]
         assert all(_graphs._UNITS[b] == before[id(b)] for b in model.blocks)
+    finally:
+        facm_ext.chain.set_block_graphs(False)
+        _graphs.reset_block_graphs()
+
+
+@requires_cuda
+@pytest.mark.parametrize("build", [_lightningdit, _wan], ids=["lightningdit", "wan"])
+def test_grad_mode_replayed_blocks_match_eager(one_rank_group, build):
+    """Grad mode (FACM's step): each block's forward and backward replayed from graphs give the outputs,
+    tangents and (FSDP2-reduced) parameter gradients of the eager chain, for the capturing call, later calls with
+    new inputs and a return to the first inputs; FSDP2 still gathers each block once for the forward and once for
+    the backward, at most two at a time."""
+    model, make_fn, inputs = build()
+    _shard_bf16(model)
+    fn = make_fn(model)
+    _graphs.reset_block_graphs()
+
+    def step(seed):
+        model.zero_grad(set_to_none=True)
+        primals, tangents = inputs(seed)
+        with GatherMonitor(model.blocks) as monitor:
+            out, tangent = facm_ext.jvp(fn, primals, tangents)
+            assert out.requires_grad and not tangent.requires_grad
+            (out.float() * tangent.float()).mean().backward()
+        grads = {name: p.grad.full_tensor().float() for name, p in model.named_parameters() if p.grad is not None}
+        return out.detach(), tangent, grads, monitor
+
+    step(0)  # Triton autotuning, eagerly
+    expected = {seed: step(seed)[:3] for seed in (0, 1)}
+    facm_ext.chain.set_block_graphs(True, warmup=1)
+    try:
+        for call, seed in enumerate((0, 0, 0, 1, 0)):  # warmup (eager), capture + replay, replays
+            out, tangent, grads, monitor = step(seed)
+            ref_out, ref_tangent, ref_grads = expected[seed]
+            assert rel_err(out, ref_out) <= REPLAY_TOL, (call, seed, rel_err(out, ref_out))
+            assert rel_err(tangent, ref_tangent) <= REPLAY_TOL, (call, seed, rel_err(tangent, ref_tangent))
+            assert set(grads) == set(ref_grads)
+            for name, grad in grads.items():
+                error = rel_err(grad, ref_grads[name])
+                assert error <= REPLAY_TOL, (call, seed, name, error)
+            assert [monitor.gathers[b] for b in model.blocks] == [2] * len(model.blocks)
+            assert monitor.max_gathered <= 2
+        assert _graphs.block_graph_failures() == {}
+        captured = [b for b in model.blocks if any(isinstance(e, _graphs._GradGraph)
+                                                   for e in _graphs._UNITS.get(b, {}).values())]
+        assert captured == list(model.blocks)
     finally:
         facm_ext.chain.set_block_graphs(False)
         _graphs.reset_block_graphs()
