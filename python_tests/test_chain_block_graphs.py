@@ -155,6 +155,46 @@ def test_replay_plumbing_on_the_cpu(monkeypatch):
         _graphs.reset_block_graphs()
 
 
+def test_probe_returns_the_outputs_and_which_ones_get_gradients(monkeypatch):
+    """The probe's eager run (sync debug mode stubbed out on the CPU): detached outputs flagged as the outputs
+    were (the grad-mode capture allocates its buffers and gradient paths from them), or why the unit cannot be
+    captured; an unrelated error propagates."""
+    from facm_ext.jvp import make_dual, split_dual
+
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+    monkeypatch.setattr(_graphs, "_all_cuda", lambda tensors: True)
+    block = nn.Linear(3, 3).double()
+    x, tx, c = torch.randn(2, 3, dtype=torch.float64, requires_grad=True), torch.randn(2, 3), torch.randn(2, 3)
+    tensors, _, spec, layout = _graphs._flat_arguments((make_dual(x, tx), c.double()), {}, split_dual)
+    params = list(block.parameters())
+
+    def run_module(module, args, kwargs):
+        h, c = args
+        h_p, h_t = split_dual(h)
+        return make_dual(h_p @ module.weight.t() + c, h_t @ module.weight.t()), c.sum()
+
+    probe = _graphs._probe(block, tensors, params, spec, layout, run_module, make_dual, split_dual, grad=True)
+    assert [t.requires_grad for t in probe] == [True, False, False]
+    assert all(t.grad_fn is None for t in probe)
+    assert x.grad is None and block.weight.grad is None  # its backward accumulates nothing
+    reason = _graphs._probe(block, tensors, params, spec, layout, lambda m, a, k: (a[1], 3), make_dual, split_dual,
+                            grad=False)
+    assert reason == "it returns a int; only tensors (and None) can be replayed"
+
+    def syncing(module, args, kwargs):
+        raise RuntimeError("called a synchronizing CUDA operation")
+
+    assert _graphs._probe(block, tensors, params, spec, layout, syncing, make_dual, split_dual,
+                          grad=True).startswith("it synchronizes with the host")
+
+    def broken(module, args, kwargs):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        _graphs._probe(block, tensors, params, spec, layout, broken, make_dual, split_dual, grad=True)
+
+
 class _FakeGradGraphs:
     """Stand-ins for a unit's grad-mode forward and backward graphs on the CPU (a linear block
     ``out = x @ W.T + b + c``, tangent ``tx @ W.T``): the forward keeps what a captured forward would save (x)

@@ -322,7 +322,8 @@ def _probe(module, tensors, params, spec, layout, run_module, make_dual, split_d
         return str(exc)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
-    return [t.detach() for t in produced]
+    # Detached (the probe's graph is not kept), flagged as the outputs were: which ones get a gradient.
+    return [t.detach().requires_grad_(t.requires_grad) for t in produced]
 
 
 def _pool(device, kind: str):
