@@ -257,7 +257,9 @@ def phase_timeline(trace_path: str) -> dict:
     - ``idle``: time during which no kernel runs at all (the GPU waits for the host);
     - ``allgather`` / ``reducescatter``: their kernel time; ``..._exposed``: the part not covered by compute.
 
-    Also ``between_ms``: from the forward's last kernel end to the backward's first kernel start."""
+    Also ``between_ms``: from the forward's last kernel end to the backward's first kernel start, and
+    ``{phase}_kernels``: {kernel name (cut at 100 characters): total ms} of the phase, memory copies and sets
+    (``gpu_memcpy`` / ``gpu_memset`` events, which are not kernels) under "[memcpy ...]" / "[memset]"."""
     with open(trace_path) as f:
         events = json.load(f).get("traceEvents", [])
     launch_thread = {}
@@ -265,6 +267,7 @@ def phase_timeline(trace_path: str) -> dict:
         if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in (e.get("args") or {}):
             launch_thread[e["args"]["correlation"]] = e.get("tid")
     kernels = sorted((e for e in events if e.get("cat") == "kernel" and "dur" in e), key=lambda e: e["ts"])
+    copies = [e for e in events if e.get("cat") in ("gpu_memcpy", "gpu_memset") and "dur" in e]
     if not kernels:
         return {}
     forward_thread = launch_thread.get((kernels[0].get("args") or {}).get("correlation"))
@@ -293,11 +296,36 @@ def phase_timeline(trace_path: str) -> dict:
             exposed = sum((b - a) - _covered_us(a, b, compute) for a, b in mine)
             result[f"{phase}_{kind}_ms"] = total / 1e3
             result[f"{phase}_{kind}_exposed_ms"] = exposed / 1e3
+    for e in copies:
+        thread = launch_thread.get((e.get("args") or {}).get("correlation"))
+        phase = "forward" if thread == forward_thread else "backward"
+        name = "[memset]" if e["cat"] == "gpu_memset" else f"[memcpy {e['name']}]"
+        totals = result.setdefault(f"{phase}_kernels", {})
+        totals[name] = totals.get(name, 0.0) + e["dur"] / 1e3
+    for phase, members in phases.items():
+        totals = result.setdefault(f"{phase}_kernels", {})
+        for e in members:
+            totals[e["name"][:100]] = totals.get(e["name"][:100], 0.0) + e["dur"] / 1e3
     if phases["forward"] and phases["backward"]:
         forward_end = max(e["ts"] + e["dur"] for e in phases["forward"])
         backward_start = min(e["ts"] for e in phases["backward"])
         result["between_ms"] = (backward_start - forward_end) / 1e3
     return result
+
+
+def kernel_differences(timeline: dict, reference: dict, *, top: int = 15) -> str:
+    """Per phase, the kernels whose total time differs most between two :func:`phase_timeline` results
+    (``timeline`` minus ``reference``), as markdown-ish lines."""
+    lines = []
+    for phase in ("forward", "backward"):
+        mine, theirs = timeline.get(f"{phase}_kernels") or {}, reference.get(f"{phase}_kernels") or {}
+        if not mine and not theirs:
+            continue
+        delta = {name: mine.get(name, 0.0) - theirs.get(name, 0.0) for name in set(mine) | set(theirs)}
+        lines.append(f"{phase}: total kernel+copy time {sum(mine.values()):.1f} ms vs {sum(theirs.values()):.1f} ms")
+        for name in sorted(delta, key=lambda n: -abs(delta[n]))[:top]:
+            lines.append(f"  {delta[name]:+8.2f} ms ({mine.get(name, 0.0):7.2f} vs {theirs.get(name, 0.0):7.2f})  {name}")
+    return "\n".join(lines)
 
 
 def format_phase_timeline(timeline: dict) -> str:

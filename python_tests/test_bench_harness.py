@@ -94,6 +94,10 @@ def test_phase_timeline_splits_forward_and_backward_by_launching_thread(tmp_path
     kernel("gemm_backward", 30, 10, 2)
     kernel("ncclDevKernel_ReduceScatter_RING", 38, 7, 2)
     kernel("gemm_backward", 50, 10, 2)
+    events.append({"cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": 60, "dur": 1, "tid": 2,
+                   "args": {"correlation": 99}})
+    events.append({"cat": "gpu_memcpy", "name": "Memcpy DtoD (Device -> Device)", "ts": 61, "dur": 3, "tid": 7,
+                   "args": {"correlation": 99}})
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps({"traceEvents": events}))
     timeline = _harness.phase_timeline(str(trace))
@@ -108,3 +112,13 @@ def test_phase_timeline_splits_forward_and_backward_by_launching_thread(tmp_path
     assert timeline["backward_allgather_ms"] == 0.0
     assert timeline["between_ms"] == approx(0.010)
     assert "forward: span 0.0 ms" in _harness.format_phase_timeline(timeline)
+    # Per-kernel totals per phase (copies are not kernels: they count there, not in the spans above).
+    assert timeline["forward_kernels"] == approx({"gemm": 0.010, "ncclDevKernel_AllGather_RING": 0.006,
+                                                  "layer_norm": 0.004})
+    assert timeline["backward_kernels"] == approx({"gemm_backward": 0.020, "ncclDevKernel_ReduceScatter_RING": 0.007,
+                                                   "[memcpy Memcpy DtoD (Device -> Device)]": 0.003})
+    reference = {"forward_kernels": {"gemm": 0.002, "layer_norm": 0.004}, "backward_kernels": {"gemm_backward": 0.020}}
+    lines = _harness.kernel_differences(timeline, reference, top=2).splitlines()
+    assert lines[0].startswith("forward: total kernel+copy time 0.0 ms")
+    assert lines[1].split() == ["+0.01", "ms", "(", "0.01", "vs", "0.00)", "gemm"]  # the largest difference first
+    assert lines[2].endswith("ncclDevKernel_AllGather_RING") and lines[3].startswith("backward:")
