@@ -258,7 +258,7 @@ def phase_timeline(trace_path: str) -> dict:
     - ``allgather`` / ``reducescatter``: their kernel time; ``..._exposed``: the part not covered by compute.
 
     Also ``between_ms``: from the forward's last kernel end to the backward's first kernel start, and
-    ``{phase}_kernels``: {kernel name (cut at 100 characters): total ms} of the phase, memory copies and sets
+    ``{phase}_kernels``: {kernel name (cut at 400 characters): total ms} of the phase, memory copies and sets
     (``gpu_memcpy`` / ``gpu_memset`` events, which are not kernels) under "[memcpy ...]" / "[memset]"."""
     with open(trace_path) as f:
         events = json.load(f).get("traceEvents", [])
@@ -305,7 +305,7 @@ def phase_timeline(trace_path: str) -> dict:
     for phase, members in phases.items():
         totals = result.setdefault(f"{phase}_kernels", {})
         for e in members:
-            totals[e["name"][:100]] = totals.get(e["name"][:100], 0.0) + e["dur"] / 1e3
+            totals[e["name"][:400]] = totals.get(e["name"][:400], 0.0) + e["dur"] / 1e3
     if phases["forward"] and phases["backward"]:
         forward_end = max(e["ts"] + e["dur"] for e in phases["forward"])
         backward_start = min(e["ts"] for e in phases["backward"])

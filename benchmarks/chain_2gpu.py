@@ -598,9 +598,10 @@ def print_table(r: dict, prefetch: int) -> None:
                 fsdp = r[key].get("fsdp_host_ms") or {}
                 if fsdp:
                     print("FSDP host ms: " + ", ".join(f"{name} {ms:.1f}" for name, ms in list(fsdp.items())[:8]))
-    if r.get("grad_timeline") and r.get("baseline_grad_timeline"):
-        print("grad step, kernels whose time differs most, 2 GPUs (FSDP2) minus 1 GPU:")
-        print(_harness.kernel_differences(r["grad_timeline"], r["baseline_grad_timeline"]))
+    for mode, label in (("grad", "grad step"), ("plain_grad", "plain fwd+bwd step")):
+        if r.get(f"{mode}_timeline") and r.get(f"baseline_{mode}_timeline"):
+            print(f"{label}, kernels whose time differs most, 2 GPUs (FSDP2) minus 1 GPU:")
+            print(_harness.kernel_differences(r[f"{mode}_timeline"], r[f"baseline_{mode}_timeline"]))
     host = r.get("host_profile")
     for where, key in (("2 GPUs, FSDP2", "host_profile"), ("1 GPU", "baseline_host_profile")):
         if r.get(key):

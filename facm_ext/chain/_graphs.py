@@ -200,6 +200,25 @@ def _all_cuda(tensors: list) -> bool:
     return all(t.is_cuda for t in tensors)
 
 
+# Copies of at least this many bytes go one by one: a same-dtype dense copy_ is a device-to-device memcpy, while
+# torch._foreach_copy_'s multi-tensor kernel moved a LightningDiT-XL/1 block's parameters at ~670 GB/s on an H100
+# (7 ms of a grad step's backward; benchmarks/RESULTS.md, ninth session).
+_FOREACH_BYTES = 1 << 20
+
+
+def _copy_into(targets: list, sources) -> None:
+    """targets[i].copy_(sources[i]) for all i: the large ones one by one, the small ones in one foreach launch."""
+    small_targets, small_sources = [], []
+    for target, source in zip(targets, sources):
+        if target.numel() * target.element_size() >= _FOREACH_BYTES:
+            target.copy_(source)
+        else:
+            small_targets.append(target)
+            small_sources.append(source)
+    if small_targets:
+        torch._foreach_copy_(small_targets, small_sources)
+
+
 def _shared(kind: str, like: list) -> list:
     key = (kind, tuple(_tensor_signature(t) for t in like))
     buffers = _BUFFERS.get(key)
@@ -246,8 +265,8 @@ def run(module: nn.Module, args: tuple, kwargs: dict, run_module):
     if mode == "grad":
         outputs = _ReplayBlock.apply(entry, len(tensors), *tensors, *params)
         return _rebuild_outputs(list(outputs), entry.out_has_tangent, entry.out_spec, make_dual)
-    torch._foreach_copy_(entry.static_args, tensors)
-    torch._foreach_copy_(entry.static_params, params)
+    _copy_into(entry.static_args, tensors)
+    _copy_into(entry.static_params, params)
     entry.graph.replay()
     outputs = [t.clone() for t in entry.static_outputs]
     return _rebuild_outputs(outputs, entry.out_has_tangent, entry.out_spec, make_dual)
@@ -386,8 +405,8 @@ def _capture(module, params, tensors, spec, layout, run_module, make_dual, split
     static_args = _shared("args", tensors)
     static_params = _shared("params", params)
     static_outputs = _shared("outputs", probe)
-    torch._foreach_copy_(static_args, tensors)
-    torch._foreach_copy_(static_params, params)
+    _copy_into(static_args, tensors)
+    _copy_into(static_params, params)
     static_call = _rebuild_arguments(static_args, spec, layout, make_dual)
     pool = _pool(device, "tangent")
     graph = torch.cuda.CUDAGraph()
@@ -457,8 +476,8 @@ class _GradGraph:
     autograd_graph: list  # the captured forward's autograd nodes: they hold its saved activations
 
     def replay_forward(self, tensors, params) -> tuple[int, list]:
-        torch._foreach_copy_(self.static_args, tensors)
-        torch._foreach_copy_(self.static_params, params)
+        _copy_into(self.static_args, tensors)
+        _copy_into(self.static_params, params)
         token = self.pool.forward_replayed(self.position)
         self.forward.replay()
         return token, [t.clone() for t in self.static_outputs]
@@ -470,8 +489,8 @@ class _GradGraph:
                 "replay of the block graphs (another grad-mode call of the model, or of this block, ran before "
                 "this backward). Run each grad-mode call's backward before the next grad-mode call, or turn "
                 "block graphs off for this model (facm_ext.chain.set_block_graphs(False)).")
-        torch._foreach_copy_(self.static_grad_outputs, [g for g, d in zip(grad_outputs, self.differentiable) if d])
-        torch._foreach_copy_(self.static_params, params)
+        _copy_into(self.static_grad_outputs, [g for g, d in zip(grad_outputs, self.differentiable) if d])
+        _copy_into(self.static_params, params)
         self.backward.replay()
         self.pool.backward_replayed(self.position)
         return [None if g is None else g.clone() for g in self.static_grads]
