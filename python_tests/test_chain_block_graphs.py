@@ -61,12 +61,12 @@ def test_copy_into_copies_large_and_small_tensors():
     """Large copies one by one, small ones in one foreach launch: every target gets its source, layouts kept."""
     large = torch.randn(_graphs._FOREACH_BYTES // 4 + 7)  # float32: just over the threshold
     small = torch.randn(3, 5).t()  # a transposed view
-    targets = [torch.empty_like(large), torch.empty(5, 3).t(), torch.empty(2, dtype=torch.float64)]
+    targets = [torch.empty_like(large), torch.empty(3, 5).t(), torch.empty(2, dtype=torch.float64)]
     sources = [large, small, torch.tensor([1.5, -2.0])]
     _graphs._copy_into(targets, sources)
     for target, source in zip(targets, sources):
         assert torch.equal(target, source.to(target.dtype))
-    assert targets[1].stride() == (1, 3)
+    assert targets[1].stride() == (1, 5)
 
 
 def test_argument_layout_round_trip_keeps_constants():
