@@ -20,9 +20,10 @@ them, so that
   failure on one rank only leaves the others waiting in their next collective until the process group's
   timeout, as with any SPMD program).
 
-Tangent mode on CUDA can replay each unit's JVP forward from a CUDA graph (``set_block_graphs(True)``; off by
-default; see :mod:`facm_ext.chain._graphs` for what a block may read): FSDP2 still gathers, prefetches and
-reshards, and the host issues a handful of launches per block instead of the block's kernels one by one.
+On CUDA each unit can be replayed from CUDA graphs (``set_block_graphs(True)``; off by default; see
+:mod:`facm_ext.chain._graphs` for what a block may read): in tangent mode its JVP forward, in grad mode its JVP
+forward and the backward of its primal outputs. FSDP2 still gathers, prefetches, reshards and reduce-scatters,
+and the host issues a handful of launches per block instead of the block's kernels one by one.
 
 Models whose forward must be driven explicitly: ``ChainJVP(blocks, step=..., prefetch=1, mode=None, model=None,
 root=None)`` with modes ``"tangent"``, ``"grad"`` and ``"hybrid"`` (JVP under no_grad, then an ordinary forward
