@@ -330,6 +330,73 @@ def test_grad_mode_replay_plumbing_on_the_cpu(monkeypatch):
         _graphs.reset_block_graphs()
 
 
+def test_grad_mode_capture_code_on_the_cpu(monkeypatch):
+    """_capture_grad's own code on the CPU, the CUDA graph capture replaced by running the captured code once (so
+    the static buffers hold what one replay would produce): a LightningDiT block whose residual stream is the
+    transposed view PatchEmbed gives (strides (L*C, 1, L)). The forward sees that layout, as eagerly; the
+    gradient buffers are row-major, as autograd's gradients are; outputs, tangents and the gradients of the
+    arguments and parameters for a given output gradient equal eager autograd's."""
+    import contextlib
+    import types
+
+    from facm_ext.jvp import make_dual, run_module, split_dual
+    from facm_ext.models import LightningDiT
+
+    pool = _graphs._Pool((0, 0), None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: types.SimpleNamespace(replay=lambda: None))
+    monkeypatch.setattr(_graphs, "_pool", lambda device, kind: pool)
+    monkeypatch.setattr(_graphs, "_capture_context", lambda graph, pool: contextlib.nullcontext())
+    monkeypatch.setattr(_graphs, "_all_cuda", lambda tensors: True)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+    torch.manual_seed(0)
+    model = LightningDiT(input_size=4, patch_size=1, in_channels=4, hidden_size=64, depth=1, num_heads=2,
+                         num_classes=10).double()
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    block, rope = model.blocks[0], model.feat_rope
+    params = list(block.parameters())
+    x = torch.randn(2, 64, 16, dtype=torch.float64).transpose(1, 2).requires_grad_()  # [B, L, C], transposed
+    c = torch.randn(2, 64, dtype=torch.float64, requires_grad=True)
+    tx, tc = torch.randn(2, 16, 64, dtype=torch.float64), torch.randn(2, 64, dtype=torch.float64)
+    grad_out = torch.randn(2, 16, 64, dtype=torch.float64)
+
+    out_ref, tangent_ref = facm_ext.jvp(lambda x, c: block(x, c, rope), (x, c), (tx, tc))
+    grads_ref = torch.autograd.grad(out_ref, [x, c] + params, grad_out)
+    captured = {}
+
+    def capture_inside_the_transform(x_dual, c_dual):
+        tensors, _, spec, layout = _graphs._flat_arguments((x_dual, c_dual, rope), {}, split_dual)
+        probe = _graphs._probe(block, tensors, params, spec, layout, run_module, make_dual, split_dual, grad=True)
+        # What the replay copies in before the graph runs (and the output gradient its backward copies in).
+        _graphs._copy_into(_graphs._shared("args", tensors), [t.detach() for t in tensors])
+        _graphs._copy_into(_graphs._shared("params", params), [p.detach() for p in params])
+        _graphs._shared("grad_outputs", [probe[0]], contiguous=True)[0].copy_(grad_out)
+        captured["entry"] = _graphs._capture_grad(block, params, tensors, spec, layout, run_module, make_dual,
+                                                  split_dual, probe)
+        return x_dual
+
+    _graphs.reset_block_graphs()
+    try:
+        facm_ext.jvp(capture_inside_the_transform, (x, c), (tx, tc))
+        entry = captured["entry"]
+        assert entry.static_args[0].stride() == x.stride()  # the forward's layout is the eager one
+        assert entry.differentiable == [True, False]
+        assert all(t.is_contiguous() for t in entry.static_grad_outputs)
+        assert all(t is None or t.is_contiguous() for t in entry.static_grads)
+        torch.testing.assert_close(entry.static_outputs[0], out_ref.detach())
+        torch.testing.assert_close(entry.static_outputs[1], tangent_ref)
+        # static_grads: x, its tangent (none), c, its tangent (none), then the parameters
+        grads = [g for g in entry.static_grads if g is not None]
+        assert [g is None for g in entry.static_grads[:4]] == [False, True, False, True]
+        assert len(grads) == len(grads_ref)
+        for got, expected in zip(grads, grads_ref):
+            torch.testing.assert_close(got, expected)
+        assert pool.captured == 1 and entry.position == 0 and entry.autograd_graph
+    finally:
+        _graphs.reset_block_graphs()
+
+
 # ------------------------------------------------------------------------------------------------------------ GPU
 @pytest.fixture(scope="module")
 def one_rank_group(tmp_path_factory):

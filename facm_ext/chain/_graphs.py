@@ -219,13 +219,17 @@ def _copy_into(targets: list, sources) -> None:
         torch._foreach_copy_(small_targets, small_sources)
 
 
-def _shared(kind: str, like: list) -> list:
-    key = (kind, tuple(_tensor_signature(t) for t in like))
+def _shared(kind: str, like: list, *, contiguous: bool = False) -> list:
+    """Static buffers shaped like ``like``, shared by every capture with the same kind and signatures.
+
+    ``contiguous=False``: the layout of ``like`` (empty_like keeps the strides of a dense tensor, so the capture
+    sees the layout the eager call saw, and lays out an overlapping one, an expanded view, densely, so that
+    copying into it is well defined). ``contiguous=True``: row-major, for gradients (see _capture_grad)."""
+    key = (kind, contiguous, tuple(_tensor_signature(t) for t in like))
     buffers = _BUFFERS.get(key)
     if buffers is None:
-        # empty_like keeps the strides of a dense tensor (the capture sees the layout the eager call saw) and
-        # lays out an overlapping one (an expanded view) densely, so that copying into it is well defined.
-        buffers = [torch.empty_like(t) for t in like]
+        buffers = [torch.empty(t.shape, dtype=t.dtype, device=t.device) if contiguous else torch.empty_like(t)
+                   for t in like]
         _BUFFERS[key] = buffers
     return buffers
 
@@ -524,9 +528,14 @@ def _capture_grad(module, params, tensors, spec, layout, run_module, make_dual, 
     static_params = _shared("params", params)
     static_outputs = _shared("outputs", probe)
     differentiable = [t.requires_grad for t in probe]
-    static_grad_outputs = _shared("grad_outputs", [t for t, d in zip(probe, differentiable) if d])
+    # Gradients are row-major, whatever the layout of the tensors they belong to: autograd hands a block the
+    # gradient of its output in the layout the next op's backward produced, which for DiT-style models is
+    # row-major while the residual stream itself is a transposed view (PatchEmbed's flatten(2).transpose(1, 2)).
+    # Buffers in the activations' layout made the captured backward run its elementwise ops on mixed layouts,
+    # in PyTorch's strided kernels: +19 ms of a LightningDiT-XL/1 step at 64/GPU (RESULTS.md, ninth session).
+    static_grad_outputs = _shared("grad_outputs", [t for t, d in zip(probe, differentiable) if d], contiguous=True)
     wrt_like = [t for t in tensors + params if t.requires_grad]
-    grad_buffers = iter(_shared("grads", wrt_like))
+    grad_buffers = iter(_shared("grads", wrt_like, contiguous=True))
     static_grads = [next(grad_buffers) if t.requires_grad else None for t in tensors + params]
     pool = _pool(device, "grad")
     forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
