@@ -355,6 +355,7 @@ def test_grad_mode_capture_code_on_the_cpu(monkeypatch):
     for p in model.parameters():
         p.data.normal_(0, 0.2)
     block, rope = model.blocks[0], model.feat_rope
+    block.register_parameter("unused", nn.Parameter(torch.ones(3, dtype=torch.float64)))  # gets no gradient
     params = list(block.parameters())
     x = torch.randn(2, 64, 16, dtype=torch.float64).transpose(1, 2).requires_grad_()  # [B, L, C], transposed
     c = torch.randn(2, 64, dtype=torch.float64, requires_grad=True)
@@ -362,7 +363,9 @@ def test_grad_mode_capture_code_on_the_cpu(monkeypatch):
     grad_out = torch.randn(2, 16, 64, dtype=torch.float64)
 
     out_ref, tangent_ref = facm_ext.jvp(lambda x, c: block(x, c, rope), (x, c), (tx, tc))
-    grads_ref = torch.autograd.grad(out_ref, [x, c] + params, grad_out)
+    grads_ref = torch.autograd.grad(out_ref, [x, c] + params, grad_out, allow_unused=True)
+    unused = 2 + next(i for i, p in enumerate(params) if p is block.unused)
+    assert [i for i, g in enumerate(grads_ref) if g is None] == [unused]
     captured = {}
 
     def capture_inside_the_transform(x_dual, c_dual):
@@ -386,12 +389,13 @@ def test_grad_mode_capture_code_on_the_cpu(monkeypatch):
         assert all(t is None or t.is_contiguous() for t in entry.static_grads)
         torch.testing.assert_close(entry.static_outputs[0], out_ref.detach())
         torch.testing.assert_close(entry.static_outputs[1], tangent_ref)
-        # static_grads: x, its tangent (none), c, its tangent (none), then the parameters
-        grads = [g for g in entry.static_grads if g is not None]
+        # static_grads: x, its tangent (none), c, its tangent (none), then the parameters (the unused one: none)
         assert [g is None for g in entry.static_grads[:4]] == [False, True, False, True]
-        assert len(grads) == len(grads_ref)
+        grads = entry.static_grads[0:1] + entry.static_grads[2:3] + entry.static_grads[4:]
+        assert len(grads) == len(grads_ref) and [i for i, g in enumerate(grads) if g is None] == [unused]
         for got, expected in zip(grads, grads_ref):
-            torch.testing.assert_close(got, expected)
+            if expected is not None:
+                torch.testing.assert_close(got, expected)
         assert pool.captured == 1 and entry.position == 0 and entry.autograd_graph
     finally:
         _graphs.reset_block_graphs()
