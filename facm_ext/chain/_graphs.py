@@ -107,6 +107,18 @@ class _Graph:
     out_spec: pytree.TreeSpec
     out_has_tangent: list  # per output leaf: True / False, None for a None leaf
 
+    def replay(self, tensors, params) -> list:
+        """The unit's output tensors for these arguments and parameters (fresh tensors, not the buffers)."""
+        return _replay_with(self.graph, self, tensors, params)
+
+
+def _replay_with(graph, buffers, tensors, params) -> list:
+    """Fill ``buffers``' static arguments and parameters, replay ``graph``, return fresh copies of its outputs."""
+    _copy_into(buffers.static_args, tensors)
+    _copy_into(buffers.static_params, params)
+    graph.replay()
+    return [t.clone() for t in buffers.static_outputs]
+
 
 # unit -> {signature: eager call count (int) or its captured _Graph}
 _UNITS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -124,7 +136,8 @@ def block_graph_failures() -> dict:
 
 
 def reset_block_graphs() -> None:
-    """Drop every captured graph and its static buffers (e.g. before a change of batch shape for good)."""
+    """Drop every captured graph and its static buffers (e.g. before a change of batch shape for good); this
+    releases the grad-mode pool's saved activations once no pending backward holds its graphs."""
     _UNITS.clear()
     _FAILED.clear()
     _BUFFERS.clear()
@@ -269,11 +282,7 @@ def run(module: nn.Module, args: tuple, kwargs: dict, run_module):
     if mode == "grad":
         outputs = _ReplayBlock.apply(entry, len(tensors), *tensors, *params)
         return _rebuild_outputs(list(outputs), entry.out_has_tangent, entry.out_spec, make_dual)
-    _copy_into(entry.static_args, tensors)
-    _copy_into(entry.static_params, params)
-    entry.graph.replay()
-    outputs = [t.clone() for t in entry.static_outputs]
-    return _rebuild_outputs(outputs, entry.out_has_tangent, entry.out_spec, make_dual)
+    return _rebuild_outputs(entry.replay(tensors, params), entry.out_has_tangent, entry.out_spec, make_dual)
 
 
 def _rebuild_outputs(outputs: list, out_has_tangent: list, out_spec, make_dual):
@@ -480,11 +489,8 @@ class _GradGraph:
     autograd_graph: list  # the captured forward's autograd nodes: they hold its saved activations
 
     def replay_forward(self, tensors, params) -> tuple[int, list]:
-        _copy_into(self.static_args, tensors)
-        _copy_into(self.static_params, params)
         token = self.pool.forward_replayed(self.position)
-        self.forward.replay()
-        return token, [t.clone() for t in self.static_outputs]
+        return token, _replay_with(self.forward, self, tensors, params)
 
     def replay_backward(self, token: int, params, grad_outputs) -> list:
         if self.pool.intact.get(self.position) != token:
