@@ -84,6 +84,9 @@ def set_block_graphs(enabled: bool, *, warmup: int = 2, grad: bool = True) -> No
         warmup: eager calls of a unit with a given signature before its capture (>= 1: the first call runs the
             transform's one-time checks, which a graph must not capture).
         grad: graphs for grad-mode calls too (forward and backward graphs); False keeps them to tangent mode.
+
+    Captured graphs live as long as their units; the static buffers and memory pools (in grad mode every
+    block's saved activations) stay until :func:`reset_block_graphs`, also after turning block graphs off.
     """
     if not isinstance(enabled, bool):
         raise ValueError(f"enabled: expected a bool, got {enabled!r}")
