@@ -515,7 +515,7 @@ class _ReplayBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, entry: _GradGraph, count: int, *tensors_and_params):
         token, outputs = entry.replay_forward(tensors_and_params[:count], tensors_and_params[count:])
-        ctx.entry, ctx.token, ctx.count = entry, token, count
+        ctx.entry, ctx.token = entry, token
         # Plain references: FSDP2 frees the gathered parameters' storage after the forward and gathers them again
         # (the same tensors) before this backward runs.
         ctx.params = tensors_and_params[count:]
