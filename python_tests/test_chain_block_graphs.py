@@ -465,6 +465,12 @@ def _randomize(model, scale=0.2):
             p.copy_(torch.randn(p.shape, generator=g, device="cuda") * scale)
 
 
+def _captured_blocks(model, graph_type) -> list:
+    """The blocks of ``model`` that block graphs captured a ``graph_type`` (_Graph or _GradGraph) for."""
+    return [b for b in model.blocks
+            if any(isinstance(e, graph_type) for e in _graphs._UNITS.get(b, {}).values())]
+
+
 def _shard_bf16(model):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -503,9 +509,7 @@ def test_replayed_blocks_match_eager(one_rank_group, build):
                 assert [monitor.gathers[b] for b in model.blocks] == [1] * len(model.blocks)
                 assert monitor.max_gathered <= 2
         assert _graphs.block_graph_failures() == {}
-        captured = [b for b in model.blocks if any(isinstance(e, _graphs._Graph)
-                                                   for e in _graphs._UNITS.get(b, {}).values())]
-        assert captured == list(model.blocks)
+        assert _captured_blocks(model, _graphs._Graph) == list(model.blocks)
         # Grad mode with grad=False runs eagerly: no new capture, and its output keeps its graph.
         facm_ext.chain.set_block_graphs(True, warmup=1, grad=False)
         before = {id(b): dict(_graphs._UNITS[b]) for b in model.blocks}
@@ -558,9 +562,7 @@ def test_grad_mode_replayed_blocks_match_eager(one_rank_group, build):
             assert [monitor.gathers[b] for b in model.blocks] == [2] * len(model.blocks)
             assert monitor.max_gathered <= 2
         assert _graphs.block_graph_failures() == {}
-        captured = [b for b in model.blocks if any(isinstance(e, _graphs._GradGraph)
-                                                   for e in _graphs._UNITS.get(b, {}).values())]
-        assert captured == list(model.blocks)
+        assert _captured_blocks(model, _graphs._GradGraph) == list(model.blocks)
     finally:
         facm_ext.chain.set_block_graphs(False)
         _graphs.reset_block_graphs()
@@ -595,7 +597,7 @@ def test_a_block_that_synchronizes_is_not_captured_and_runs_eagerly(one_rank_gro
                 out, tangent = facm_ext.jvp(fn, primals, tangents)
             out, tangent = facm_ext.jvp(fn, primals, tangents)
         assert set(_graphs.block_graph_failures()) == {block_type.__name__}
-        assert not any(isinstance(e, _graphs._Graph) for b in model.blocks for e in _graphs._UNITS.get(b, {}).values())
+        assert _captured_blocks(model, _graphs._Graph) == []
         assert rel_err(out, ref_out) <= REPLAY_TOL
         assert rel_err(tangent, ref_tangent) <= REPLAY_TOL
         torch.randn(4, device="cuda").sum().item()  # the CUDA RNG still works
