@@ -17,6 +17,7 @@ losses are rank 0's share). Evaluation runs on rank 0 with gathered EMA weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -75,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--time-mean", type=float, default=-0.8)
     g.add_argument("--time-std", type=float, default=1.6)
     g.add_argument("--jvp", choices=["fused", "graph", "torch"], default="fused",
-                   help="fused: facm_ext.jvp; graph: facm_ext.jvp replayed from a CUDA graph (one GPU, FACM "
-                        "objective; for host-bound batch sizes); torch: torch.func.jvp with math attention "
+                   help="fused: facm_ext.jvp; graph: facm_ext.jvp replayed from CUDA graphs (FACM objective; "
+                        "one GPU: the whole model's JVP; under torchrun: each FSDP2 block's, "
+                        "facm_ext.chain.set_block_graphs); torch: torch.func.jvp with math attention "
                         "(the official path)")
     g.add_argument("--split-backward", action="store_true",
                    help="backward of the FM part before the JVP pass (same gradients, lower peak memory)")
@@ -102,13 +104,13 @@ def validate(args: argparse.Namespace, world_size: int, device: torch.device | N
     if args.jvp == "graph":
         if device is not None and device.type != "cuda":
             raise ValueError(f"--jvp graph: CUDA graphs need a CUDA device, got --device {args.device} ({device})")
-        if world_size > 1:
-            raise ValueError("--jvp graph: one process only (under FSDP2 the chain runtime streams the JVP)")
         if args.objective != "facm":
             raise ValueError(f"--jvp graph: replays the FACM student's JVP; not for --objective {args.objective}")
-        if args.split_backward:
-            raise ValueError("--jvp graph: the JVP pass must run before the FM forward, which --split-backward "
-                             "reverses")
+        # One process replays the whole JVP pass from one graph captured before the FM forward; under FSDP2 each
+        # block is replayed on its own, in whatever order the loss runs the two passes.
+        if args.split_backward and world_size == 1:
+            raise ValueError("--jvp graph: in one process the JVP pass must run before the FM forward, which "
+                             "--split-backward reverses (under torchrun both work)")
 
     def positive(name, value):
         if value < 1:
@@ -484,10 +486,10 @@ def train(args, out: Path, device, dist: Dist) -> TrainState:
         if dist.main:
             print(f"resumed from {resume} at step {state.step}", file=sys.stderr)
 
-    if args.jvp == "fused":
+    if args.jvp == "fused" or (args.jvp == "graph" and dist.enabled):
         import facm_ext.jvp as fused
 
-        jvp_fn = fused.jvp
+        jvp_fn = fused.jvp  # --jvp graph under FSDP2: the chain replays each block (run() turns block graphs on)
     elif args.jvp == "graph":
         jvp_fn = None  # a GraphedStudentJVP of the student, made at the first FACM step (stage 2 sets the student)
     else:
@@ -679,9 +681,13 @@ def run(argv=None) -> dict | None:
             out.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         start = time.perf_counter()
-        state = train(args, out, device, dist)
+        with _block_graphs(args.jvp == "graph" and dist.enabled) as block_graphs:
+            state = train(args, out, device, dist)
         if dist.main:
             print(f"training: {time.perf_counter() - start:.0f} s, {state.step} steps", file=sys.stderr)
+            if block_graphs:
+                print(f"--jvp graph: FSDP2 blocks replayed from CUDA graphs {block_graphs['captured']}, "
+                      f"turned down (ran eagerly) {block_graphs['eager']}", file=sys.stderr)
         results = None
         if not args.no_eval:
             ema_state = state.ema.full_state()  # every rank takes part in the gather
@@ -694,6 +700,28 @@ def run(argv=None) -> dict | None:
     finally:
         if dist.enabled:
             torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _block_graphs(enabled: bool):
+    """--jvp graph under FSDP2: facm_ext.chain replays each block's JVP (and its backward) from CUDA graphs while
+    training; yields a dict filled on exit: ``captured`` (facm_ext.chain.captured_block_graphs()) and ``eager``
+    (the blocks turned down, facm_ext.chain.block_graph_failures()). The graphs' memory pools hold every block's
+    saved activations, so they are released afterwards."""
+    summary = {}
+    if not enabled:
+        yield summary
+        return
+    import facm_ext.chain
+
+    facm_ext.chain.set_block_graphs(True)
+    try:
+        yield summary
+        summary.update(captured=facm_ext.chain.captured_block_graphs(),
+                       eager=facm_ext.chain.block_graph_failures())
+    finally:
+        facm_ext.chain.set_block_graphs(False)
+        facm_ext.chain.reset_block_graphs()
 
 
 def main(argv=None) -> None:

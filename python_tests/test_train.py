@@ -253,6 +253,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun(out: Path, *flags) -> str:
+    """``torchrun --nproc_per_node 2 -m facm_ext.train`` with TINY and ``flags``; returns its stderr."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "facm_ext.train", "--output-dir", str(out), *TINY, *flags]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stderr
+
+
 def test_torchrun_fsdp2_matches_single_process(tmp_path):
     """2 ranks (gloo, FSDP2 per block + root, JVP through facm_ext.chain's handler) train the same global batch as
     one process: parameters agree to float32 rounding after stage 1 and after FACM steps, and every parameter
@@ -263,15 +277,10 @@ def test_torchrun_fsdp2_matches_single_process(tmp_path):
 
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
-    common = [*TINY, "--stage1-steps", "3", "--facm-steps", "2", "--ckpt-every", "1", "--keep-checkpoints", "10",
+    common = ["--stage1-steps", "3", "--facm-steps", "2", "--ckpt-every", "1", "--keep-checkpoints", "10",
               "--no-eval"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "facm_ext.train", "--output-dir", str(tmp_path / "dist"),
-           *common]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run(tmp_path / "single", *common[len(TINY):])
+    _torchrun(tmp_path / "dist", *common)
+    run(tmp_path / "single", *common)
     for step in (3, 5):
         a = _final_state(tmp_path / "dist", step)["model"]
         b = _final_state(tmp_path / "single", step)["model"]
@@ -299,15 +308,44 @@ def test_gpu_run_graph_jvp(tmp_path):
     assert all(math.isfinite(r["fd"]) for r in results["rows"])
 
 
-@pytest.mark.parametrize("flags, match", [
-    (["--objective", "meanflow"], "--objective meanflow"),
-    (["--split-backward"], "--split-backward"),
+@pytest.mark.parametrize("flags, world_sizes, match", [
+    (["--objective", "meanflow"], (1, 2), "--objective meanflow"),
+    (["--split-backward"], (1,), "--split-backward"),  # under torchrun each block is replayed on its own
 ])
-def test_graph_jvp_flag_rejects_what_it_cannot_replay(flags, match):
+def test_graph_jvp_flag_rejects_what_it_cannot_replay(flags, world_sizes, match):
     from facm_ext import train
 
     args = train.build_parser().parse_args(["--jvp", "graph", *flags])
-    with pytest.raises(ValueError, match=match):
-        train.validate(args, 1, torch.device("cuda"))
-    with pytest.raises(ValueError, match="one process"):
-        train.validate(train.build_parser().parse_args(["--jvp", "graph"]), 2, torch.device("cuda"))
+    for world_size in (1, 2):
+        if world_size in world_sizes:
+            with pytest.raises(ValueError, match=match):
+                train.validate(args, world_size, torch.device("cuda"))
+        else:
+            train.validate(args, world_size, torch.device("cuda"))
+
+
+@requires_cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("split_backward", [False, True], ids=["one_backward", "split_backward"])
+def test_torchrun_graph_jvp_replays_fsdp2_blocks(tmp_path, split_backward):
+    """--jvp graph under torchrun (2 GPUs, NCCL, FSDP2): the FACM steps replay each block's JVP and backward from
+    CUDA graphs (facm_ext.chain.set_block_graphs). Every block is captured, none turned down, and the FACM
+    steps move the parameters as the eager chain's do (--jvp fused), up to bf16 replay noise amplified by AdamW:
+    a lost or stale gradient of a block would be off by about its whole update."""
+    common = ["--device", "cuda", "--precision", "bf16", "--stage1-steps", "3", "--facm-steps", "4",
+              "--ckpt-every", "1", "--keep-checkpoints", "10", "--no-eval",
+              *(["--split-backward"] if split_backward else [])]
+    log = _torchrun(tmp_path / "graph", "--jvp", "graph", *common)
+    _torchrun(tmp_path / "eager", "--jvp", "fused", *common)
+    depth = TINY[TINY.index("--depth") + 1]
+    assert f"replayed from CUDA graphs {{'tangent': 0, 'grad': {depth}}}, turned down (ran eagerly) {{}}" in log, log
+    start = _final_state(tmp_path / "eager", 3)["model"]
+    assert all(torch.equal(start[k], v) for k, v in _final_state(tmp_path / "graph", 3)["model"].items())
+    graph, eager = _final_state(tmp_path / "graph", 7)["model"], _final_state(tmp_path / "eager", 7)["model"]
+    moved = [k for k in start if not torch.equal(start[k], eager[k])]
+    assert moved
+    graph_delta = torch.cat([(graph[k] - start[k]).flatten().double() for k in moved])
+    eager_delta = torch.cat([(eager[k] - start[k]).flatten().double() for k in moved])
+    assert (graph_delta - eager_delta).norm() <= 0.1 * eager_delta.norm()
+    for k in moved:  # no block's update lost
+        assert (graph[k] - start[k]).norm() >= 0.5 * (eager[k] - start[k]).norm(), k

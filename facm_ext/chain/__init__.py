@@ -32,13 +32,14 @@ all-gathers per unit and the most units gathered at once.
 """
 
 from facm_ext.chain._chain import MODES, ChainJVP, default_step
-from facm_ext.chain._graphs import block_graph_failures, reset_block_graphs, set_block_graphs
+from facm_ext.chain._graphs import (block_graph_failures, captured_block_graphs, reset_block_graphs,
+                                   set_block_graphs)
 from facm_ext.chain._handler import fsdp2_module_call, is_streamed_unit, register_with_transform, set_prefetch
 from facm_ext.chain._monitor import GatherMonitor
 from facm_ext.chain._seam import seam_name
 
-__all__ = ["ChainJVP", "GatherMonitor", "MODES", "block_graph_failures", "default_step", "fsdp2_module_call",
-           "is_streamed_unit", "register_with_transform", "reset_block_graphs", "seam_name", "set_block_graphs",
+__all__ = ["ChainJVP", "GatherMonitor", "MODES", "block_graph_failures", "captured_block_graphs", "default_step",
+           "fsdp2_module_call", "is_streamed_unit", "register_with_transform", "reset_block_graphs", "seam_name", "set_block_graphs",
            "set_prefetch"]
 
 register_with_transform()

@@ -138,6 +138,18 @@ def block_graph_failures() -> dict:
     return {type(unit).__name__: reason for unit, reason in _FAILED.items()}
 
 
+def captured_block_graphs() -> dict:
+    """{"tangent": n, "grad": n}: how many (unit, call signature) pairs are replayed from graphs in each mode."""
+    counts = {"tangent": 0, "grad": 0}
+    for entries in _UNITS.values():
+        for entry in entries.values():
+            if isinstance(entry, _Graph):
+                counts["tangent"] += 1
+            elif isinstance(entry, _GradGraph):
+                counts["grad"] += 1
+    return counts
+
+
 def reset_block_graphs() -> None:
     """Drop every captured graph and its static buffers (e.g. before a change of batch shape for good); this
     releases the grad-mode pool's saved activations once no pending backward holds its graphs."""

@@ -259,7 +259,8 @@ def facm_loss(model, x: torch.Tensor, y: torch.Tensor, *, t: torch.Tensor, noise
       jvp_fn: forward-mode JVP, ``jvp_fn(func, primals, tangents) -> (out, tangent)`` like ``torch.func.jvp``;
         default ``facm_ext.jvp``. Its primal output must be differentiable.
       recompute_primal: run the JVP under ``no_grad`` and get the differentiable F from a plain forward instead
-        (one more forward; for wrappers such as FSDP2 whose hooks the JVP pass cannot carry gradients through).
+        (one more forward; for wrappers whose hooks the JVP pass cannot carry gradients through. FSDP2 models need
+        not: ``facm_ext.chain`` carries them).
       velocity: precomputed target velocity ``[B, C, H, W]`` (skips :func:`teacher_velocity`; benchmarks).
       fm_model: the callable for the FM forward (default ``model``), e.g. ``torch.compile(model)``: the same
         parameters through a compiled forward, as the reference trainer does.
