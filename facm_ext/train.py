@@ -486,11 +486,14 @@ def train(args, out: Path, device, dist: Dist) -> TrainState:
         if dist.main:
             print(f"resumed from {resume} at step {state.step}", file=sys.stderr)
 
+    # --jvp graph: one process replays the student's whole JVP (GraphedStudentJVP); under FSDP2 facm_ext.jvp runs
+    # and the chain replays each block (run() turns block graphs on).
+    whole_model_graph = args.jvp == "graph" and not dist.enabled
     if args.jvp == "fused" or (args.jvp == "graph" and dist.enabled):
         import facm_ext.jvp as fused
 
-        jvp_fn = fused.jvp  # --jvp graph under FSDP2: the chain replays each block (run() turns block graphs on)
-    elif args.jvp == "graph":
+        jvp_fn = fused.jvp
+    elif whole_model_graph:
         jvp_fn = None  # a GraphedStudentJVP of the student, made at the first FACM step (stage 2 sets the student)
     else:
         jvp_fn = facm.torch_func_jvp
@@ -539,7 +542,7 @@ def train(args, out: Path, device, dist: Dist) -> TrainState:
                                             guidance_interval=tuple(args.guidance_interval), null_class=null_class,
                                             jvp_fn=jvp_fn)
             else:
-                if args.jvp == "graph" and (jvp_fn is None or jvp_fn.model is not state.model):
+                if whole_model_graph and (jvp_fn is None or jvp_fn.model is not state.model):
                     jvp_fn = facm.GraphedStudentJVP(state.model)
                 losses = facm.facm_loss(state.model, x, y, t=t, noise=noise, teacher=state.teacher,
                                         cfg_scale=args.cfg_scale, guidance_interval=tuple(args.guidance_interval),

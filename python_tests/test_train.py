@@ -332,20 +332,25 @@ def test_torchrun_graph_jvp_replays_fsdp2_blocks(tmp_path, split_backward):
     CUDA graphs (facm_ext.chain.set_block_graphs). Every block is captured, none turned down, and the FACM
     steps move the parameters as the eager chain's do (--jvp fused), up to bf16 replay noise amplified by AdamW:
     a lost or stale gradient of a block would be off by about its whole update."""
-    common = ["--device", "cuda", "--precision", "bf16", "--stage1-steps", "3", "--facm-steps", "4",
-              "--ckpt-every", "1", "--keep-checkpoints", "10", "--no-eval",
+    # 30 teacher steps: from adaLN-zero's initialization the FACM gradients would be almost nothing but bf16 noise.
+    stage1, facm_steps = 30, 4
+    common = ["--device", "cuda", "--precision", "bf16", "--stage1-steps", str(stage1), "--facm-steps",
+              str(facm_steps), "--ckpt-every", "2", "--keep-checkpoints", "4", "--no-eval",
               *(["--split-backward"] if split_backward else [])]
     log = _torchrun(tmp_path / "graph", "--jvp", "graph", *common)
     _torchrun(tmp_path / "eager", "--jvp", "fused", *common)
     depth = TINY[TINY.index("--depth") + 1]
     assert f"replayed from CUDA graphs {{'tangent': 0, 'grad': {depth}}}, turned down (ran eagerly) {{}}" in log, log
-    start = _final_state(tmp_path / "eager", 3)["model"]
-    assert all(torch.equal(start[k], v) for k, v in _final_state(tmp_path / "graph", 3)["model"].items())
-    graph, eager = _final_state(tmp_path / "graph", 7)["model"], _final_state(tmp_path / "eager", 7)["model"]
-    moved = [k for k in start if not torch.equal(start[k], eager[k])]
+    # Each run's FACM updates from its own stage-1 state (the same up to the GPU's nondeterministic reductions).
+    end = stage1 + facm_steps
+    delta = {}
+    for name in ("graph", "eager"):
+        start, final = (_final_state(tmp_path / name, step)["model"] for step in (stage1, end))
+        delta[name] = {k: (final[k] - start[k]).double() for k in start}
+    moved = [k for k, d in delta["eager"].items() if d.norm() > 0]
     assert moved
-    graph_delta = torch.cat([(graph[k] - start[k]).flatten().double() for k in moved])
-    eager_delta = torch.cat([(eager[k] - start[k]).flatten().double() for k in moved])
+    graph_delta = torch.cat([delta["graph"][k].flatten() for k in moved])
+    eager_delta = torch.cat([delta["eager"][k].flatten() for k in moved])
     assert (graph_delta - eager_delta).norm() <= 0.1 * eager_delta.norm()
     for k in moved:  # no block's update lost
-        assert (graph[k] - start[k]).norm() >= 0.5 * (eager[k] - start[k]).norm(), k
+        assert delta["graph"][k].norm() >= 0.5 * delta["eager"][k].norm(), k
