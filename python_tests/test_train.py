@@ -271,10 +271,6 @@ def test_torchrun_fsdp2_matches_single_process(tmp_path):
     """2 ranks (gloo, FSDP2 per block + root, JVP through facm_ext.chain's handler) train the same global batch as
     one process: parameters agree to float32 rounding after stage 1 and after FACM steps, and every parameter
     moved during the FACM steps (no gradient lost at FSDP unit boundaries)."""
-    import os
-    import subprocess
-    import sys
-
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     common = ["--stage1-steps", "3", "--facm-steps", "2", "--ckpt-every", "1", "--keep-checkpoints", "10",

@@ -39,7 +39,7 @@ from facm_ext.chain._monitor import GatherMonitor
 from facm_ext.chain._seam import seam_name
 
 __all__ = ["ChainJVP", "GatherMonitor", "MODES", "block_graph_failures", "captured_block_graphs", "default_step",
-           "fsdp2_module_call", "is_streamed_unit", "register_with_transform", "reset_block_graphs", "seam_name", "set_block_graphs",
-           "set_prefetch"]
+           "fsdp2_module_call", "is_streamed_unit", "register_with_transform", "reset_block_graphs", "seam_name",
+           "set_block_graphs", "set_prefetch"]
 
 register_with_transform()
