@@ -1,11 +1,13 @@
-"""facm_ext.chain block graphs: tangent-mode FSDP2 units replayed from CUDA graphs (facm_ext/chain/_graphs.py).
+"""facm_ext.chain block graphs: FSDP2 units replayed from CUDA graphs (facm_ext/chain/_graphs.py).
 
 GPU: one process, an NCCL process group of one rank (FSDP2 gathers, prefetches and reshards as on more ranks),
 tiny LightningDiT and Wan models in bf16 (the fused kernels' path): the replayed JVP equals the eager one for the
 call that captured and for later calls with new inputs, in tangent mode and in grad mode (outputs, tangents and
 FSDP2-reduced parameter gradients), every block is captured and none failed, the gathers per block and the most
-blocks gathered at once are unchanged, and ``grad=False`` keeps grad mode eager. CPU: the settings' errors, that
-CPU calls run eagerly, and the replay plumbing of both modes with stand-in graphs.
+blocks gathered at once are unchanged, and ``grad=False`` keeps grad mode eager; the same for the blocks of an
+explicit ChainJVP, and for FACM's loss (FM forward + JVP with grad, one backward) step after step. CPU: the settings' errors, that
+CPU calls run eagerly, that a ChainJVP sends its FSDP2 blocks to the block graphs, and the replay plumbing of both
+modes with stand-in graphs.
 """
 
 from __future__ import annotations
@@ -401,6 +403,65 @@ def test_grad_mode_capture_code_on_the_cpu(monkeypatch):
         _graphs.reset_block_graphs()
 
 
+@pytest.mark.parametrize("mode", ["tangent", "grad"])
+def test_chain_jvp_sends_its_fsdp2_blocks_to_block_graphs(tmp_path, monkeypatch, mode):
+    """The FSDP2 blocks a ChainJVP drives reach the block graphs' entry point (on the CPU it runs them eagerly:
+    same outputs, tangents and gradients as with block graphs off); without block graphs they do not."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from facm_ext.models import LightningDiT
+
+    if dist.is_initialized():
+        pytest.skip("another process group is active in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = LightningDiT(input_size=4, patch_size=1, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                             num_classes=10).double()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.2)
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        chain = facm_ext.chain.ChainJVP(model.blocks, step=lambda block, x, c: block(x, c, model.feat_rope),
+                                        root=model, mode=mode)
+        x, tx = torch.randn(2, 16, 32, dtype=torch.float64), torch.randn(2, 16, 32, dtype=torch.float64)
+        c, tc = torch.randn(2, 32, dtype=torch.float64), torch.randn(2, 32, dtype=torch.float64)
+        seen = []  # the units whose parameters the block graphs' entry point looked up
+        original_parameters = _graphs._parameters
+
+        def recording_parameters(module):
+            seen.append(module)
+            return original_parameters(module)
+
+        monkeypatch.setattr(_graphs, "_parameters", recording_parameters)
+
+        def call():
+            model.zero_grad(set_to_none=True)
+            with torch.set_grad_enabled(mode == "grad"):
+                out, tangent = chain(x, tx, c, context_tangents=(tc,))
+            if mode == "grad":
+                (out * tangent).sum().backward()
+            return out.detach(), tangent, [p.grad.full_tensor() for p in model.blocks.parameters()
+                                           if p.grad is not None]
+
+        expected = call()
+        assert seen == []
+        facm_ext.chain.set_block_graphs(True, warmup=1)
+        try:
+            for _ in range(3):
+                got = call()
+                torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        finally:
+            facm_ext.chain.set_block_graphs(False)
+            _graphs.reset_block_graphs()
+        assert seen == list(model.blocks) * 3
+    finally:
+        dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------------------------------------ GPU
 @pytest.fixture(scope="module")
 def one_rank_group(tmp_path_factory):
@@ -646,6 +707,53 @@ def test_facm_loss_steps_with_block_graphs_match_eager(one_rank_group):
                 assert rel_err(grad, ref_grads[name]) <= REPLAY_TOL, (call, seed, name, rel_err(grad, ref_grads[name]))
         assert _graphs.block_graph_failures() == {}
         assert _captured_blocks(model, _graphs._GradGraph) == list(model.blocks)
+    finally:
+        facm_ext.chain.set_block_graphs(False)
+        _graphs.reset_block_graphs()
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", ["tangent", "grad"])
+def test_chain_jvp_blocks_replayed_match_eager(one_rank_group, mode):
+    """The explicit ChainJVP API with block graphs: its FSDP2 blocks are captured and replayed, and outputs,
+    tangents and (grad mode) FSDP2-reduced gradients equal the eager ChainJVP's through capture, replays and new
+    inputs, with the same gathers per block."""
+    model, _, _ = _lightningdit()
+    _shard_bf16(model)
+    chain = facm_ext.chain.ChainJVP(model.blocks, step=lambda block, x, c: block(x, c, model.feat_rope),
+                                    root=model, mode=mode)
+    _graphs.reset_block_graphs()
+
+    def call(seed):
+        model.zero_grad(set_to_none=True)
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x, tx = (torch.randn(2, 16, 128, generator=g, device="cuda") for _ in range(2))
+        c, tc = (torch.randn(2, 128, generator=g, device="cuda") for _ in range(2))
+        with GatherMonitor(model.blocks) as monitor, torch.set_grad_enabled(mode == "grad"):
+            out, tangent = chain(x, tx, c, context_tangents=(tc,))
+            if mode == "grad":
+                (out.float() * tangent.float()).mean().backward()
+        grads = {name: p.grad.full_tensor().float() for name, p in model.blocks.named_parameters()
+                 if p.grad is not None}
+        assert [monitor.gathers[b] for b in model.blocks] == [2 if mode == "grad" else 1] * len(model.blocks)
+        assert monitor.max_gathered <= 2
+        return out.detach(), tangent, grads
+
+    call(0)  # Triton autotuning, eagerly
+    expected = {seed: call(seed) for seed in (0, 1)}
+    facm_ext.chain.set_block_graphs(True, warmup=1)
+    try:
+        for index, seed in enumerate((0, 0, 0, 1, 0)):
+            out, tangent, grads = call(seed)
+            ref_out, ref_tangent, ref_grads = expected[seed]
+            assert rel_err(out, ref_out) <= REPLAY_TOL, (index, seed)
+            assert rel_err(tangent, ref_tangent) <= REPLAY_TOL, (index, seed)
+            assert set(grads) == set(ref_grads) and (mode == "tangent") == (not grads)
+            for name, grad in grads.items():
+                assert rel_err(grad, ref_grads[name]) <= REPLAY_TOL, (index, seed, name)
+        graph_type = _graphs._GradGraph if mode == "grad" else _graphs._Graph
+        assert _graphs.block_graph_failures() == {}
+        assert _captured_blocks(model, graph_type) == list(model.blocks)
     finally:
         facm_ext.chain.set_block_graphs(False)
         _graphs.reset_block_graphs()

@@ -31,6 +31,8 @@ class ChainJVP:
     ``prefetch`` FSDP2 blocks are issued before the current block computes, so they overlap its compute, and no
     more than ``1 + prefetch`` blocks hold gathered parameters at any moment. Inside each block the JVP runs on
     plain tensors through facm_ext's fused transform (``torch.func.jvp`` when the transform is not importable).
+    With ``facm_ext.chain.set_block_graphs(True)``, an FSDP2 block that the step calls as ``block(...)`` is
+    replayed from CUDA graphs, as in the transform's own streaming of FSDP2 models.
 
     Args:
         blocks: the ordered blocks (``nn.Module``); all FSDP2 units, all FSDP1 units, or plain modules (a plain

@@ -6,10 +6,13 @@ While the transform runs, a call ``unit(*args)`` of an FSDP2 unit comes here wit
 2. runs FSDP's own pre-forward on the plain primals (root setup, unshard or wait for the prefetch, the
    mixed-precision input cast, the post-backward hook on the inputs),
 3. starts the all-gathers of the next ``prefetch`` units (the order of units recorded in the previous pass),
-4. runs the unit's forward under the transform on duals rebuilt from FSDP's (possibly cast) primals (in tangent
-   mode with ``set_block_graphs(True)``: replayed from the unit's CUDA graph, :mod:`facm_ext.chain._graphs`),
+4. runs the unit's forward under the transform on duals rebuilt from FSDP's (possibly cast) primals (with
+   ``set_block_graphs(True)``: replayed from the unit's CUDA graphs, :mod:`facm_ext.chain._graphs`),
 5. splits the outputs, runs FSDP's post-forward on the plain primal outputs (reshard, pre-backward hooks, output
    cast) and hands back duals of those outputs with the tangents cast to match.
+
+A second handler sends the calls of units a ``ChainJVP`` drives (it ran steps 2 and 3 itself) to the block graphs
+when they are on.
 
 FSDP's autograd hooks therefore sit on ordinary tensors of the primal graph; the tangents never pass through
 them. An exception anywhere in a unit leaves every unit of that FSDP tree resharded and IDLE (in-flight
@@ -57,6 +60,13 @@ def set_prefetch(depth: int) -> None:
 def is_streamed_unit(module: nn.Module) -> bool:
     """The handler's predicate: FSDP2 units that no ChainJVP is driving right now."""
     return SETTINGS.enabled and _units.is_fsdp2_unit(module) and id(module) not in DRIVEN_MODULES
+
+
+def is_driven_unit_with_block_graphs(module: nn.Module) -> bool:
+    """The second handler's predicate: an FSDP2 unit a ChainJVP is driving (gathered, its hooks suspended) while
+    block graphs are on. Its calls inside the ChainJVP's step go to :func:`facm_ext.chain._graphs.run`, as the
+    transform's own FSDP2 calls do."""
+    return _graphs.SETTINGS.enabled and id(module) in DRIVEN_MODULES and _units.is_fsdp2_unit(module)
 
 
 def _unit(module: nn.Module) -> _units.Fsdp2Unit:
@@ -164,7 +174,7 @@ def _abort_tree(unit: _units.Fsdp2Unit) -> None:
 
 
 def register_with_transform() -> bool:
-    """Register the FSDP2 handler with facm_ext.jvp (idempotent). False if the transform lacks the hook."""
+    """Register the FSDP2 handlers with facm_ext.jvp (idempotent). False if the transform lacks the hook."""
     try:
         from facm_ext import jvp as transform
     except ImportError:
@@ -175,6 +185,7 @@ def register_with_transform() -> bool:
     global _REGISTERED
     if not _REGISTERED:
         register(is_streamed_unit, fsdp2_module_call)
+        register(is_driven_unit_with_block_graphs, _graphs.run)
         _REGISTERED = True
     return True
 
