@@ -19,6 +19,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -414,19 +415,33 @@ __global__ void __launch_bounds__(kThreads, 2) attention_jvp_kernel(AttentionJvp
   }
 }
 
+template <typename T, int D, bool kTangentV>
+cudaError_t launch_kernel(const AttentionJvpArgs& a, dim3 grid, cudaStream_t stream) {
+  using G = HeadGeometry<D>;
+  // The dynamic shared-memory limit is raised once per device and kernel (it holds for the process): a driver
+  // call on every launch sat on the host path of each attention layer. Bit i: raised on device i (devices >= 64
+  // raise it at every launch).
+  static std::atomic<uint64_t> raised_on_devices{0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
+  if (bit == 0 || (raised_on_devices.load(std::memory_order_acquire) & bit) == 0) {
+    err = cudaFuncSetAttribute(attention_jvp_kernel<T, D, kTangentV>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               G::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    raised_on_devices.fetch_or(bit, std::memory_order_release);
+  }
+  attention_jvp_kernel<T, D, kTangentV><<<grid, kThreads, G::kSmemBytes, stream>>>(a);
+  return cudaGetLastError();
+}
+
 template <typename T, int D>
 cudaError_t launch_typed(const AttentionJvpArgs& a, cudaStream_t stream) {
-  using G = HeadGeometry<D>;
   const dim3 grid(static_cast<unsigned>((a.len_q + kBlockM - 1) / kBlockM), static_cast<unsigned>(a.heads),
                   static_cast<unsigned>(a.batches));
-  auto run = [&](auto kernel) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, G::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    kernel<<<grid, kThreads, G::kSmemBytes, stream>>>(a);
-    return cudaGetLastError();
-  };
-  if (a.tv.ptr != nullptr) return run(attention_jvp_kernel<T, D, true>);
-  return run(attention_jvp_kernel<T, D, false>);
+  if (a.tv.ptr != nullptr) return launch_kernel<T, D, true>(a, grid, stream);
+  return launch_kernel<T, D, false>(a, grid, stream);
 }
 
 template <typename T>
