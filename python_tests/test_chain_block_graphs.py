@@ -526,10 +526,25 @@ def _randomize(model, scale=0.2):
             p.copy_(torch.randn(p.shape, generator=g, device="cuda") * scale)
 
 
+def _assert_every_block_captured(model, graph_type) -> None:
+    """Block graphs turned no unit down and captured a ``graph_type`` for every block of ``model``."""
+    assert _graphs.block_graph_failures() == {}
+    assert _captured_blocks(model, graph_type) == list(model.blocks)
+
+
 def _captured_blocks(model, graph_type) -> list:
     """The blocks of ``model`` that block graphs captured a ``graph_type`` (_Graph or _GradGraph) for."""
     return [b for b in model.blocks
             if any(isinstance(e, graph_type) for e in _graphs._UNITS.get(b, {}).values())]
+
+
+def _assert_grads_equal(grads: dict, ref_grads: dict, where: tuple) -> None:
+    """A replayed step's FSDP2-reduced gradients {name: full fp32 tensor} equal the eager step's: the same
+    parameters, each within REPLAY_TOL."""
+    assert set(grads) == set(ref_grads), where
+    for name, grad in grads.items():
+        error = rel_err(grad, ref_grads[name])
+        assert error <= REPLAY_TOL, (*where, name, error)
 
 
 def _shard_bf16(model):
@@ -569,8 +584,7 @@ def test_replayed_blocks_match_eager(one_rank_group, build):
                 assert rel_err(tangent, ref_tangent) <= REPLAY_TOL, (call, seed, rel_err(tangent, ref_tangent))
                 assert [monitor.gathers[b] for b in model.blocks] == [1] * len(model.blocks)
                 assert monitor.max_gathered <= 2
-        assert _graphs.block_graph_failures() == {}
-        assert _captured_blocks(model, _graphs._Graph) == list(model.blocks)
+        _assert_every_block_captured(model, _graphs._Graph)
         # Grad mode with grad=False runs eagerly: no new capture, and its output keeps its graph.
         facm_ext.chain.set_block_graphs(True, warmup=1, grad=False)
         before = {id(b): dict(_graphs._UNITS[b]) for b in model.blocks}
@@ -616,14 +630,10 @@ def test_grad_mode_replayed_blocks_match_eager(one_rank_group, build):
             ref_out, ref_tangent, ref_grads = expected[seed]
             assert rel_err(out, ref_out) <= REPLAY_TOL, (call, seed, rel_err(out, ref_out))
             assert rel_err(tangent, ref_tangent) <= REPLAY_TOL, (call, seed, rel_err(tangent, ref_tangent))
-            assert set(grads) == set(ref_grads)
-            for name, grad in grads.items():
-                error = rel_err(grad, ref_grads[name])
-                assert error <= REPLAY_TOL, (call, seed, name, error)
+            _assert_grads_equal(grads, ref_grads, (call, seed))
             assert [monitor.gathers[b] for b in model.blocks] == [2] * len(model.blocks)
             assert monitor.max_gathered <= 2
-        assert _graphs.block_graph_failures() == {}
-        assert _captured_blocks(model, _graphs._GradGraph) == list(model.blocks)
+        _assert_every_block_captured(model, _graphs._GradGraph)
     finally:
         facm_ext.chain.set_block_graphs(False)
         _graphs.reset_block_graphs()
@@ -702,11 +712,8 @@ def test_facm_loss_steps_with_block_graphs_match_eager(one_rank_group):
             ref_losses, ref_grads = expected[seed]
             for key in ("loss", "cm", "fm"):
                 assert rel_err(losses[key], ref_losses[key]) <= REPLAY_TOL, (call, seed, key)
-            assert set(grads) == set(ref_grads)
-            for name, grad in grads.items():
-                assert rel_err(grad, ref_grads[name]) <= REPLAY_TOL, (call, seed, name, rel_err(grad, ref_grads[name]))
-        assert _graphs.block_graph_failures() == {}
-        assert _captured_blocks(model, _graphs._GradGraph) == list(model.blocks)
+            _assert_grads_equal(grads, ref_grads, (call, seed))
+        _assert_every_block_captured(model, _graphs._GradGraph)
     finally:
         facm_ext.chain.set_block_graphs(False)
         _graphs.reset_block_graphs()
@@ -748,12 +755,10 @@ def test_chain_jvp_blocks_replayed_match_eager(one_rank_group, mode):
             ref_out, ref_tangent, ref_grads = expected[seed]
             assert rel_err(out, ref_out) <= REPLAY_TOL, (index, seed)
             assert rel_err(tangent, ref_tangent) <= REPLAY_TOL, (index, seed)
-            assert set(grads) == set(ref_grads) and (mode == "tangent") == (not grads)
-            for name, grad in grads.items():
-                assert rel_err(grad, ref_grads[name]) <= REPLAY_TOL, (index, seed, name)
+            assert (mode == "tangent") == (not grads)
+            _assert_grads_equal(grads, ref_grads, (index, seed))
         graph_type = _graphs._GradGraph if mode == "grad" else _graphs._Graph
-        assert _graphs.block_graph_failures() == {}
-        assert _captured_blocks(model, graph_type) == list(model.blocks)
+        _assert_every_block_captured(model, graph_type)
     finally:
         facm_ext.chain.set_block_graphs(False)
         _graphs.reset_block_graphs()
