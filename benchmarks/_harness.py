@@ -305,7 +305,8 @@ def phase_timeline(trace_path: str) -> dict:
     for phase, members in phases.items():
         totals = result.setdefault(f"{phase}_kernels", {})
         for e in members:
-            totals[e["name"][:400]] = totals.get(e["name"][:400], 0.0) + e["dur"] / 1e3
+            name = e["name"][:400]
+            totals[name] = totals.get(name, 0.0) + e["dur"] / 1e3
     if phases["forward"] and phases["backward"]:
         forward_end = max(e["ts"] + e["dur"] for e in phases["forward"])
         backward_start = min(e["ts"] for e in phases["backward"])
@@ -324,7 +325,8 @@ def kernel_differences(timeline: dict, reference: dict, *, top: int = 15) -> str
         delta = {name: mine.get(name, 0.0) - theirs.get(name, 0.0) for name in set(mine) | set(theirs)}
         lines.append(f"{phase}: total kernel+copy time {sum(mine.values()):.1f} ms vs {sum(theirs.values()):.1f} ms")
         for name in sorted(delta, key=lambda n: -abs(delta[n]))[:top]:
-            lines.append(f"  {delta[name]:+8.2f} ms ({mine.get(name, 0.0):7.2f} vs {theirs.get(name, 0.0):7.2f})  {name}")
+            lines.append(f"  {delta[name]:+8.2f} ms ({mine.get(name, 0.0):7.2f} vs "
+                         f"{theirs.get(name, 0.0):7.2f})  {name}")
     return "\n".join(lines)
 
 

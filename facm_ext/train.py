@@ -489,14 +489,14 @@ def train(args, out: Path, device, dist: Dist) -> TrainState:
     # --jvp graph: one process replays the student's whole JVP (GraphedStudentJVP); under FSDP2 facm_ext.jvp runs
     # and the chain replays each block (run() turns block graphs on).
     whole_model_graph = args.jvp == "graph" and not dist.enabled
-    if args.jvp == "fused" or (args.jvp == "graph" and dist.enabled):
+    if whole_model_graph:
+        jvp_fn = None  # a GraphedStudentJVP of the student, made at the first FACM step (stage 2 sets the student)
+    elif args.jvp == "torch":
+        jvp_fn = facm.torch_func_jvp
+    else:
         import facm_ext.jvp as fused
 
         jvp_fn = fused.jvp
-    elif whole_model_graph:
-        jvp_fn = None  # a GraphedStudentJVP of the student, made at the first FACM step (stage 2 sets the student)
-    else:
-        jvp_fn = facm.torch_func_jvp
     # Under FSDP2 the primal's gradient needs the chain runtime's handler; without it, take the gradient from a
     # plain forward after a no-grad JVP (correct, one more forward).
     recompute_primal = dist.enabled and not _chain_handler_available()

@@ -23,8 +23,9 @@ Two modes, as the chain's:
 Which units: those the transform streams (``facm_ext.jvp`` of an FSDP2 model) and the FSDP2 blocks a ``ChainJVP``
 drives, where its step calls ``block(...)``. Which calls: CUDA arguments, no report being collected, not under
 torch.compile, a dispatch mode or a functorch transform, tangents without autograd graph, and the unit's
-parameters plain (unsharded) CUDA tensors after FSDP's pre-forward. Anything else runs eagerly. The first ``warmup`` calls of a unit with a given signature run eagerly
-(Triton autotuning, the transform's first-call checks); the next one runs it once more eagerly (in grad mode its
+parameters plain (unsharded) CUDA tensors after FSDP's pre-forward. Anything else runs eagerly. The first
+``warmup`` calls of a unit with a given signature run eagerly (Triton autotuning, the transform's first-call
+checks); the next one runs it once more eagerly (in grad mode its
 backward too) with torch's sync debug mode set to "error" and, when nothing synchronized with the host, captures
 it. A unit that synchronizes (``.item()``, ``torch.equal``, a data-dependent branch) is recorded in
 :func:`block_graph_failures` with the reason, with a warning, and stays eager. A capture that fails anyway

@@ -545,7 +545,9 @@ def _rope_like(module: nn.Module):
         return None
     # forward(x, cos, sin): probe with small random-looking tables.
     parameters = forward_parameters(module)
-    if parameters is None or len(parameters) != 3 or any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters):
+    if parameters is None or len(parameters) != 3:
+        return None
+    if any(p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters):
         return None
     like = torch.empty(0)
     tokens, head_dim = 3, 8
