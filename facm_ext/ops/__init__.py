@@ -21,6 +21,7 @@ _OP_MODULES = {
     "silu_jvp": "pointwise",
     "swiglu_jvp": "pointwise",
     "rope_jvp": "rope",
+    "rms_norm_rope_jvp": "rms_norm_rope",
     "attention_jvp": "attention",
     "linear_jvp": "linear",
     "mlp_jvp": "mlp",

@@ -126,10 +126,17 @@ def _rope_setup(ctx, inputs, output):
 
 
 def _rope_backward(ctx, grad, _grad_tangent):
-    """R(l)^T grad for x; for the tables, the per-pair products summed over batch and heads."""
     x, cos, sin = ctx.saved_tensors
-    interleaved, layout = ctx.interleaved, ctx.layout
     need_x, _, need_cos, need_sin, _, _ = ctx.needs_input_grad
+    grad_x, grad_cos, grad_sin = rope_vjp(grad, x, cos, sin, ctx.interleaved, ctx.layout, need_x=need_x,
+                                          need_cos=need_cos, need_sin=need_sin)
+    return None if grad_x is None else grad_x.to(x.dtype), None, grad_cos, grad_sin, None, None
+
+
+def rope_vjp(grad: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+             layout: str, *, need_x: bool = True, need_cos: bool = False, need_sin: bool = False):
+    """Gradients of ``R(l) x`` given ``grad`` (x's shape): (R(l)^T grad in the compute dtype, or None; the cos and
+    sin gradients in the tables' dtypes, the per-pair products summed over batch and heads, or None)."""
     dtype = _compute_dtype(x, cos, sin)
     head_dim = x.shape[-1]
     g0, g1 = _split_pairs(grad.to(dtype), interleaved)
@@ -137,7 +144,7 @@ def _rope_backward(ctx, grad, _grad_tangent):
     if need_x:
         c0, c1 = _table_pairs(cos, head_dim, interleaved, layout, dtype)
         s0, s1 = _table_pairs(sin, head_dim, interleaved, layout, dtype)
-        grad_x = _merge_pairs(g0 * c0 + g1 * s1, g1 * c1 - g0 * s0, interleaved).to(x.dtype)
+        grad_x = _merge_pairs(g0 * c0 + g1 * s1, g1 * c1 - g0 * s0, interleaved)
     if need_cos or need_sin:
         x0, x1 = _split_pairs(x.to(dtype), interleaved)
         reduce_dims = (0, 1) if layout == "BHLD" else (0, 2)
@@ -152,7 +159,7 @@ def _rope_backward(ctx, grad, _grad_tangent):
             grad_cos = table_grad(g0 * x0, g1 * x1, cos)
         if need_sin:
             grad_sin = table_grad(-g0 * x1, g1 * x0, sin)
-    return grad_x, None, grad_cos, grad_sin, None, None
+    return grad_x, grad_cos, grad_sin
 
 
 _rope_jvp_op.register_autograd(_rope_backward, setup_context=_rope_setup)
@@ -173,6 +180,13 @@ def rope_jvp(x: torch.Tensor, tx: Optional[torch.Tensor], cos: torch.Tensor, sin
         (out, tout): x's shape, dtype and layout, contiguous. out is differentiable w.r.t. x, cos and sin; tout
         carries no graph.
     """
+    layout = check_rope_arguments(x, tx, cos, sin, layout)
+    return _rope_jvp_op(x, tx, cos, sin, bool(interleaved), layout)
+
+
+def check_rope_arguments(x: torch.Tensor, tx: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                         layout: Optional[str]) -> str:
+    """Validate rope arguments (ValueError naming the argument); returns the layout, inferred when None."""
     check_tensor("x", x, ndim=4)
     check_tangent("tx", tx, "x", x)
     if tx is not None and tx.dtype != x.dtype:
@@ -201,4 +215,4 @@ def rope_jvp(x: torch.Tensor, tx: Optional[torch.Tensor], cos: torch.Tensor, sin
     if x.shape[token_dim] != tokens:
         raise ValueError(f"cos: has {tokens} rows but x {tuple(x.shape)} has {x.shape[token_dim]} positions "
                          f"(dim {token_dim} in layout {layout})")
-    return _rope_jvp_op(x, tx, cos, sin, bool(interleaved), layout)
+    return layout

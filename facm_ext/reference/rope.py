@@ -51,3 +51,12 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     rotate = rotate_interleaved if interleaved else rotate_half
     return x * cos + rotate(x) * sin
+
+
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                  eps: float = 1e-6, interleaved: bool = True, layout: str = "BHLD") -> torch.Tensor:
+    """RMSNorm over the last dim (``x / sqrt(mean(x^2) + eps) * weight``), then :func:`rope`: an attention
+    layer's per-head qk-norm followed by its rotary embedding. Shapes as :func:`rope`; weight: [D] or None."""
+    from facm_ext.reference.norms import rms_norm
+
+    return rope(rms_norm(x, weight, eps), cos, sin, interleaved=interleaved, layout=layout)
