@@ -551,7 +551,7 @@ def _make_unavailable(monkeypatch, unavailable):
     real_call_op = _rules.call_op
 
     def call_op(name, *args, **kwargs):
-        if name == unavailable:
+        if unavailable is not None and name in unavailable.split("+"):
             return None, "unavailable in this test"
         return real_call_op(name, *args, **kwargs)
 
@@ -559,10 +559,15 @@ def _make_unavailable(monkeypatch, unavailable):
         monkeypatch.setattr(module, "call_op", call_op)
 
 
+# "a+b": both ops unavailable. rms_norm_rope_jvp replaces the qk-norm and RoPE ops of LightningDiT's attention, so
+# those are made unavailable with it to reach their own fallbacks.
 @pytest.mark.parametrize("unavailable", [None, "adaln_jvp", "gated_residual_jvp", "linear_jvp", "attention_jvp",
-                                         "rms_norm_jvp", "rope_jvp"])
+                                         "rms_norm_rope_jvp", "rms_norm_jvp+rms_norm_rope_jvp",
+                                         "rope_jvp+rms_norm_rope_jvp"])
 @pytest.mark.parametrize("model", ["lightningdit", "wan", "wan_padded"])
 def test_fused_blocks_match_torch_func_also_on_their_fallback_expressions(monkeypatch, model, unavailable):
+    if model.startswith("wan") and unavailable == "rms_norm_rope_jvp":
+        pytest.skip("Wan's attention does not call rms_norm_rope_jvp (its q/k norm spans all heads)")
     _make_unavailable(monkeypatch, unavailable)
     func, primals = _block_models()[model]
     primals = tuple(p.requires_grad_() for p in primals)
@@ -640,10 +645,43 @@ def test_attention_module_rule_matches_torch_func(qk_norm, with_rope):
     assert report.fused.get("F.linear -> linear_jvp") == 2, str(report)
     assert report.fused.get("F.scaled_dot_product_attention -> attention_jvp") == 1, str(report)
     assert not report.fallback, "the reshapes run on primal and tangent, not through the per-op fallback\\n" + str(report)
-    if with_rope:
+    if with_rope and qk_norm == "rms":
+        assert report.fused.get("RMSNorm + VisionRotaryEmbedding2D (RMSNorm + RoPE) -> rms_norm_rope_jvp") == 2, \
+            str(report)
+    elif with_rope:
         assert report.fused.get("VisionRotaryEmbedding2D (RoPE-like) -> rope_jvp") == 2, str(report)
-    if qk_norm == "rms":
+    elif qk_norm == "rms":
         assert report.fused.get("RMSNorm (RMSNorm-like) -> rms_norm_jvp") == 2, str(report)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_attention_qk_norm_rope_fused_under_autocast_equals_the_per_op_path(monkeypatch, grad):
+    """fp32 parameters under bf16 autocast: the per-op path widens q/k to fp32 for the fp32-weight norm, rotates in
+    fp32 and SDPA narrows back to bf16; rms_norm_rope_jvp computes the same in fp32 and rounds once to bf16."""
+    attention, rope = _attention("rms"), _rope()
+    attention.float(), rope.float()
+    x = torch.randn(2, 4, 32, requires_grad=grad)
+    tx = torch.randn(2, 4, 32)
+    func = lambda x: attention(x, rope)  # noqa: E731
+
+    def run():
+        with torch.autocast("cpu", torch.bfloat16):
+            out, tout, report = facm_ext.jvp(func, (x,), (tx,), report=True)
+        grads = torch.autograd.grad(out.float().square().sum(), x) if grad else ()
+        return out, tout, grads, report
+
+    out, tout, grads, report = run()
+    out, tout, grads, report = run()
+    assert out.dtype == torch.bfloat16
+    assert report.fused.get("RMSNorm + VisionRotaryEmbedding2D (RMSNorm + RoPE) -> rms_norm_rope_jvp") == 2, \
+        str(report)
+    _make_unavailable(monkeypatch, "rms_norm_rope_jvp")
+    ref_out, ref_tout, ref_grads, ref_report = run()
+    assert "RMSNorm (RMSNorm-like) -> rms_norm_jvp" in ref_report.fused, str(ref_report)
+    assert_rel_close(out, ref_out, torch.bfloat16, what="primal")
+    assert_rel_close(tout, ref_tout, torch.bfloat16, what="tangent")
+    for g, r in zip(grads, ref_grads):
+        assert_rel_close(g, r, torch.bfloat16, what="gradient")
 
 
 def test_attention_module_rule_norms_per_row_before_the_head_transpose_only_when_that_is_exact():
@@ -671,7 +709,8 @@ def test_attention_module_rule_norms_per_row_before_the_head_transpose_only_when
         assert report.fused.get("F.scaled_dot_product_attention -> attention_jvp") == 1, str(report)
 
 
-@pytest.mark.parametrize("unavailable", ["linear_jvp", "attention_jvp", "rms_norm_jvp", "rope_jvp"])
+@pytest.mark.parametrize("unavailable", ["linear_jvp", "attention_jvp", "rms_norm_rope_jvp",
+                                         "rms_norm_jvp+rms_norm_rope_jvp", "rope_jvp+rms_norm_rope_jvp"])
 def test_attention_module_rule_steps_fall_back_like_the_per_op_path(monkeypatch, unavailable):
     attention, rope = _attention("rms"), _rope()
     x, tx = randn(2, 4, 32, requires_grad=True), randn(2, 4, 32)

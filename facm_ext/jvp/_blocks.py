@@ -427,7 +427,11 @@ def _attention_forward(module: nn.Module, x, rope):
     # q, k, v as [B, L, H, D] slices of the qkv output: the model's [B, H, L, D] ones are their transposes.
     qkv = _pair_map(_module_pair(module.qkv, (x_p, x_t)), lambda t: t.reshape(batch, tokens, 3, heads, head_dim))
     q, k, v = _unbind_pair(qkv, dim=2)
-    if _per_row(module.q_norm, head_dim) and _per_row(module.k_norm, head_dim):
+    fused = None if rope is None else _norm_rope_pairs(module, q, k, rope)
+    if fused is not None:
+        # q/k norm and RoPE in one op each, read in place from the qkv output; outputs in its [B, L, H, D] order.
+        q, k, v = (_pair_map(pair, _heads_first) for pair in (*fused, v))
+    elif _per_row(module.q_norm, head_dim) and _per_row(module.k_norm, head_dim):
         # A norm of each head's row gives the same values in either order; on the [B, L, H, D] slice the norm
         # kernel reads q and k in place (two strided row dims), where the [B, H, L, D] transposes (three) would be
         # copied first, four copies per block.
@@ -436,10 +440,73 @@ def _attention_forward(module: nn.Module, x, rope):
     else:
         q, k, v = (_pair_map(pair, _heads_first) for pair in (q, k, v))
         q, k = _module_pair(module.q_norm, q), _module_pair(module.k_norm, k)
-    if rope is not None:
+    if rope is not None and fused is None:
         q, k = _module_pair(rope, q, check_hooks=True), _module_pair(rope, k, check_hooks=True)
     out = _pair_map(_sdpa_pair(q, k, v), lambda t: t.transpose(1, 2).reshape(batch, tokens, channels))
     return _value_of(_module_pair(module.proj, out))
+
+
+def _rms_norm_of(norm: nn.Module, width: int):
+    """(weight or None, eps, output-dtype policy) of a norm that is an RMSNorm over its input's last dim (``width``
+    wide): nn.RMSNorm with a float eps, or an RMSNorm-like module the transform verified; else None."""
+    rms_norm_type = getattr(nn, "RMSNorm", None)
+    if rms_norm_type is not None and type(norm) is rms_norm_type:
+        if tuple(norm.normalized_shape) != (width,) or not isinstance(norm.eps, float):
+            return None
+        return norm.weight, norm.eps, "promote"
+    spec = getattr(_modules._pattern_for(norm), "norm_spec", None)
+    weight = getattr(norm, "weight", None)
+    if spec is None or not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (width,):
+        return None
+    eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
+    return (weight, float(eps), spec[1]) if isinstance(eps, float) else None
+
+
+def _norm_rope_pairs(module: nn.Module, q, k, rope):
+    """``rope(q_norm(q))`` and ``rope(k_norm(k))`` as pairs through one ``rms_norm_rope_jvp`` each, for q, k the
+    [B, L, H, D] (primal, tangent) slices of the qkv output; or None where the steps must run one by one.
+
+    Fused only where the per-op path would send all three modules to their own rules (no module-call handler,
+    registered rule or hook), both norms are RMSNorms over head_dim, the rotary module holds its tables, and the
+    dtype the per-op path would hand to attention is q's own: the norm's and RoPE's fp32 results narrowed back by
+    SDPA's autocast cast, or no cast at all. The op computes in fp32 and rounds once to q's dtype, as that cast
+    does."""
+    (q_p, q_t), (k_p, k_t) = q, k
+    if (q_t is None and k_t is None) or not isinstance(rope, nn.Module):
+        return None
+    modules = (module.q_norm, module.k_norm, rope)
+    handlers = _modules._HANDLERS
+    if (handlers and any(predicate(m) for m in modules for predicate, _ in handlers)) or any(
+            _modules._user_rule(type(m)) is not None for m in modules) or _modules._has_hooks(rope):
+        return None
+    head_dim = q_p.shape[-1]
+    norms = _rms_norm_of(module.q_norm, head_dim), _rms_norm_of(module.k_norm, head_dim)
+    rope_rule = _modules._pattern_for(rope)
+    tables = getattr(rope_rule, "rope_tables", lambda _: None)(rope)
+    if None in norms or tables is None or q_p.dtype != k_p.dtype:
+        return None
+    cos, sin = tables
+    dtype = q_p.dtype
+    for weight, _, policy in norms:
+        out = dtype if weight is None or policy == "input" else (
+            weight.dtype if policy == "weight" else torch.promote_types(dtype, weight.dtype))
+        if rope_rule.promotes:
+            out = torch.promote_types(out, cos.dtype)
+        device_type = q_p.device.type
+        if torch.is_autocast_enabled(device_type) and out in (torch.float16, torch.bfloat16, torch.float32):
+            out = torch.get_autocast_dtype(device_type)
+        if out != dtype:
+            return None
+    results = []
+    for (x_p, x_t), (weight, eps, _), norm in zip((q, k), norms, modules):
+        what = f"{type(norm).__name__} + {type(rope).__name__} (RMSNorm + RoPE)"
+        result, why = call_op("rms_norm_rope_jvp", what, x_p, x_t, weight, cos, sin, eps=eps,
+                              interleaved=rope_rule.interleaved, layout="BLHD")
+        if result is None:
+            record_fallback(what, why)
+            return None
+        results.append(result)
+    return results
 
 
 def _pair_map(pair, fn):

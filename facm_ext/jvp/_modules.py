@@ -623,7 +623,16 @@ def _make_rope_rule(module: nn.Module, source: str, order, interleaved: bool, ta
             record_fallback(what, why)
         return result
 
+    def rope_tables(mod):
+        """(cos, sin) of ``mod(x)`` for a module whose tables are its buffers, else None."""
+        if source != "buffers" or module_ref() is not mod:
+            return None
+        return getattr(mod, cos_name), getattr(mod, sin_name)
+
     rope_rule.pair_rule = rope_pair
+    rope_rule.rope_tables = rope_tables
+    rope_rule.interleaved = interleaved
+    rope_rule.promotes = promote
     return rope_rule
 
 
