@@ -352,6 +352,7 @@ def test_bad_inputs_raise_value_error():
         (lambda: rms_norm_rope_jvp(x, None, w, cos.to("meta"), sin), "cos"),
         (lambda: rms_norm_rope_jvp(x, None, w, cos, sin, layout="BHDL"), "layout"),
         (lambda: rms_norm_rope_jvp(x, None, w, cos, sin, eps=-1e-6), "eps"),
+        (lambda: rms_norm_rope_jvp(x, None, w, cos, sin, eps=float("inf")), "eps"),
         (lambda: rms_norm_rope_jvp(x, None, w, cos, sin, eps=float("nan")), "eps"),
         (lambda: rms_norm_rope_jvp(x, None, w, cos, sin, eps=None), "eps"),
     ]

@@ -21,6 +21,7 @@ Only the primal output is differentiable (w.r.t. x, weight, cos and sin); the ta
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -154,7 +155,7 @@ def rms_norm_rope_jvp(x: torch.Tensor, tx: Optional[torch.Tensor], weight: Optio
         if weight.shape[0] != x.shape[-1]:
             raise ValueError(f"weight: expected [{x.shape[-1]}] (x's head_dim), got {tuple(weight.shape)}")
         check_same_device("x", x, weight=weight)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
-        raise ValueError(f"eps: expected a float >= 0, got {eps!r}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < math.inf:
+        raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
     out, tout, _ = _rms_norm_rope_op(x, tx, weight, float(eps), cos, sin, bool(interleaved), layout)
     return out, tout
