@@ -559,6 +559,54 @@ def _make_unavailable(monkeypatch, unavailable):
         monkeypatch.setattr(module, "call_op", call_op)
 
 
+def test_adaln_block_widens_16bit_modulation_once_for_an_fp32_residual_stream(monkeypatch):
+    """fp32 parameters under bf16 autocast: the residual stream is fp32 and the adaLN linear's output bf16. The block
+    rule casts that [B, 6C] output (and its tangent) to fp32 once, so the norm op gets fp32 modulation instead of
+    casting its four chunks itself; the values are the same as with the 16-bit chunks."""
+    from facm_ext.jvp import _blocks
+    from facm_ext.models.lightningdit import LightningDiT
+
+    torch.manual_seed(0)
+    model = LightningDiT(input_size=2, patch_size=1, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    y = torch.tensor([0, 2])
+    x, t = torch.randn(2, 4, 2, 2), torch.rand(2)
+    tangents = (torch.randn(2, 4, 2, 2), torch.ones(2))
+    seen = []
+    real_call_op = _blocks.call_op
+
+    def spy(name, what, *args, **kwargs):
+        if name in ("adaln_jvp", "gated_residual_jvp"):
+            seen.append((name, args[0].dtype, args[2].dtype, args[4].dtype))
+        return real_call_op(name, what, *args, **kwargs)
+
+    monkeypatch.setattr(_blocks, "call_op", spy)
+
+    def run():
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            return facm_ext.jvp(lambda a, b: model(a, b, y), (x, t), tangents)
+
+    run()  # first call: recognition and verification
+    seen.clear()
+    out, tout = run()
+    adaln = [s for s in seen if s[0] == "adaln_jvp"]
+    gated = [s for s in seen if s[0] == "gated_residual_jvp"]
+    assert len(adaln) == 4 and len(gated) == 4, seen
+    # (name, dtypes of args 0, 2, 4): adaln_jvp(x, tx, shift, tshift, scale, ...): x, shift, scale all fp32;
+    # gated_residual_jvp(x, tx, gate, tgate, y, ty): fp32 x and gate, bf16 branch output y.
+    assert all(s[1:] == (torch.float32,) * 3 for s in adaln), adaln
+    assert all(s[1:] == (torch.float32, torch.float32, torch.bfloat16) for s in gated), gated
+
+    real_chunks = _blocks._chunks
+    monkeypatch.setattr(_blocks, "_chunks", lambda value, chunks, dim, dtype=None: real_chunks(value, chunks, dim))
+    seen.clear()
+    ref_out, ref_tout = run()
+    assert all(s[2] == torch.bfloat16 for s in seen if s[0] == "adaln_jvp"), seen
+    assert torch.equal(out, ref_out) and torch.equal(tout, ref_tout)
+
+
 # "a+b": both ops unavailable. rms_norm_rope_jvp replaces the qk-norm and RoPE ops of LightningDiT's attention, so
 # those are made unavailable with it to reach their own fallbacks.
 @pytest.mark.parametrize("unavailable", [None, "adaln_jvp", "gated_residual_jvp", "linear_jvp", "attention_jvp",

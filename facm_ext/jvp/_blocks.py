@@ -103,12 +103,15 @@ def adaln_block_rule(module: nn.Module):
     return block_rule
 
 
-def _chunks(value, chunks: int, dim: int) -> list:
-    """``value.chunk(chunks, dim)`` as (primal, tangent or None) pairs: the chunks of the primal and of its tangent.
-    The modulation vectors of a block only go to the fused ops, which take primal and tangent apart, so they are
-    not made duals (a view dispatch, a dual per chunk and a split per use); :func:`_dual_of` makes one where the
-    block's own expression needs it."""
+def _chunks(value, chunks: int, dim: int, dtype: Optional[torch.dtype] = None) -> list:
+    """``value.chunk(chunks, dim)`` as (primal, tangent or None) pairs: the chunks of the primal and of its tangent,
+    cast to ``dtype`` first when given. The modulation vectors of a block only go to the fused ops, which take
+    primal and tangent apart, so they are not made duals (a view dispatch, a dual per chunk and a split per use);
+    :func:`_dual_of` makes one where the block's own expression needs it."""
     primal, tangent = split_dual(value)
+    if dtype is not None:
+        primal = primal.to(dtype)
+        tangent = None if tangent is None else tangent.to(dtype)
     primals = primal.chunk(chunks, dim=dim)
     if tangent is None:
         return [(p, None) for p in primals]
@@ -172,7 +175,14 @@ def _gated(x, gate, y, per_token: bool = False):
 
 def _fused_forward(block: nn.Module, args: tuple, norms):
     x, c, extra = args[0], args[1], args[2:]
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _chunks(block.adaLN_modulation(c), 6, 1)
+    modulation = block.adaLN_modulation(c)
+    with DisableTorchFunctionSubclass():
+        widen = x.dtype == torch.float32 and modulation.dtype in (torch.float16, torch.bfloat16)
+    # An fp32 residual stream with 16-bit modulation (fp32 parameters under autocast): the norm op would cast each
+    # of its four modulation chunks to fp32 (8 launches per block); one cast of the [B, 6C] output and its tangent
+    # gives the same values. The gated residual reads an fp32 gate as it reads a 16-bit one.
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _chunks(modulation, 6, 1,
+                                                                              torch.float32 if widen else None)
     x = _gated(x, gate_msa, block.attn(_adaln(x, shift_msa, scale_msa, norms[0], block.norm1), *extra))
     x = _gated(x, gate_mlp, block.mlp(_adaln(x, shift_mlp, scale_mlp, norms[1], block.norm2)))
     return x
