@@ -45,7 +45,7 @@ if has_stage tests; then
 fi
 
 # The CUDA C++ kernels' small-shape GPU tests (one dtype, every size/layout/alignment case) under compute-sanitizer.
-DEFAULT_SANITIZE_FILTER="dtype1 and (cuda_kernel_matches_reference or cuda_kernel_misaligned or cuda_staged_per_token_modulation or cuda_activations or cuda_gated_residual or cuda_swiglu or test_cuda_rope or test_gpu_cuda_forward or test_gpu_cuda_strided or cuda_rms_norm_rope) and not large"
+DEFAULT_SANITIZE_FILTER="dtype1 and (cuda_kernel_matches_reference or cuda_kernel_misaligned or cuda_staged_per_token_modulation or cuda_activations or cuda_gated_residual or cuda_swiglu or test_cuda_rope or test_gpu_cuda_forward or test_gpu_cuda_strided or cuda_rms_norm_rope or cuda_adaln_narrow_output) and not large"
 
 if has_stage sanitize; then
   # memcheck for every kernel, racecheck for the shared-memory reductions and row staging of the norm kernel.

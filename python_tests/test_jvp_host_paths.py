@@ -607,6 +607,85 @@ def test_adaln_block_widens_16bit_modulation_once_for_an_fp32_residual_stream(mo
     assert torch.equal(out, ref_out) and torch.equal(tout, ref_tout)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_adaln_block_norms_write_the_dtype_their_linear_casts_to(monkeypatch, grad):
+    """fp32 residual stream under bf16 autocast: norm1's output only feeds the attention's qkv Linear and norm2's
+    the MLP's first Linear, both of which cast it to bf16, so adaln_jvp writes bf16 directly (from the second call,
+    once the attention module is verified). Outputs, tangents and gradients are those of the fp32 path."""
+    from facm_ext.jvp import _blocks
+    from facm_ext.models.lightningdit import LightningDiT
+
+    torch.manual_seed(0)
+    model = LightningDiT(input_size=2, patch_size=1, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    y = torch.tensor([0, 2])
+    x, t = torch.randn(2, 4, 2, 2, requires_grad=grad), torch.rand(2)
+    tangents = (torch.randn(2, 4, 2, 2), torch.ones(2))
+    out_dtypes = []
+    real_call_op = _blocks.call_op
+
+    def spy(name, what, *args, **kwargs):
+        if name == "adaln_jvp":
+            out_dtypes.append(kwargs.get("out_dtype"))
+        return real_call_op(name, what, *args, **kwargs)
+
+    monkeypatch.setattr(_blocks, "call_op", spy)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16):
+            out, tout = facm_ext.jvp(lambda a, b: model(a, b, y), (x, t), tangents)
+        grads = ()
+        if grad:
+            out.float().square().sum().backward()
+            grads = (x.grad.clone(),) + tuple(p.grad.clone() for p in model.parameters() if p.grad is not None)
+            x.grad = None
+        return out, tout, grads
+
+    run()
+    out_dtypes.clear()
+    out, tout, grads = run()
+    assert out_dtypes == [torch.bfloat16] * 4, out_dtypes
+    monkeypatch.setattr(_blocks, "_autocast_input_dtype", lambda *args: None)
+    out_dtypes.clear()
+    ref_out, ref_tout, ref_grads = run()
+    assert out_dtypes == [None] * 4, out_dtypes
+    assert torch.equal(out, ref_out) and torch.equal(tout, ref_tout)
+    assert len(grads) == len(ref_grads) == (41 if grad else 0)  # x and the 40 parameters with a gradient
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g, r)
+
+
+def test_adaln_block_norm_output_stays_fp32_where_the_consumer_is_not_known(monkeypatch):
+    """A registered rule for the MLP's type may use its input in any way: norm2 keeps its fp32 output."""
+    from facm_ext.jvp import _blocks, register_jvp_rule
+    from facm_ext.models.lightningdit import LightningDiT, SwiGLUFFN
+
+    model = LightningDiT(input_size=2, patch_size=1, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+    y = torch.tensor([0, 2])
+    out_dtypes = []
+    real_call_op = _blocks.call_op
+
+    def spy(name, what, *args, **kwargs):
+        if name == "adaln_jvp":
+            out_dtypes.append(kwargs.get("out_dtype"))
+        return real_call_op(name, what, *args, **kwargs)
+
+    monkeypatch.setattr(_blocks, "call_op", spy)
+    register_jvp_rule(SwiGLUFFN, lambda module, args, kwargs: module.forward(*args, **kwargs))
+    try:
+        for _ in range(2):
+            out_dtypes.clear()
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+                facm_ext.jvp(lambda a, b: model(a, b, y), (torch.randn(2, 4, 2, 2), torch.rand(2)),
+                             (torch.randn(2, 4, 2, 2), torch.ones(2)))
+    finally:
+        register_jvp_rule(SwiGLUFFN, None)
+    assert out_dtypes == [torch.bfloat16, None], out_dtypes
+
+
 # "a+b": both ops unavailable. rms_norm_rope_jvp replaces the qk-norm and RoPE ops of LightningDiT's attention, so
 # those are made unavailable with it to reach their own fallbacks.
 @pytest.mark.parametrize("unavailable", [None, "adaln_jvp", "gated_residual_jvp", "linear_jvp", "attention_jvp",

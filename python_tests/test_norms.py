@@ -318,13 +318,36 @@ def _opcheck_samples(device="cpu", dtype=torch.float32):
                                                 per_token[:, :, 3], t(72, grad=True), "rms", 1e-6)),
         (torch.ops.facm_ext.adaln_jvp.default, (t(2, 3, 72, grad=True), None, t(2, 1, 72), None, t(2, 72), None,
                                                 None, "layer", 1e-6)),
+        (torch.ops.facm_ext.adaln_jvp.default, (t(2, 3, 72, grad=True), t(2, 3, 72), t(2, 72, grad=True), None,
+                                                t(2, 72), t(2, 72), t(72, grad=True), "rms", 1e-6, torch.bfloat16)),
     ]
 
 
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(7))
 def test_opcheck(index):
     op, args = _opcheck_samples()[index]
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_adaln_out_dtype_rounds_the_fp32_result_once(norm, out_dtype):
+    """out_dtype: the fp32 result rounded once to it (what casting the fp32 output gives), and the gradient of x
+    through it equals the gradient through that cast."""
+    b, l, c = 2, 3, 72
+    x = torch.randn(b, l, c, requires_grad=True)
+    tx, shift, tshift, scale, tscale = (torch.randn(b, c) if i else torch.randn(b, l, c) for i in range(5))
+    w = torch.randn(c) if norm == "rms" else None
+    y, ty = adaln_jvp(x, tx, shift, tshift, scale, tscale, norm=norm, weight=w, out_dtype=out_dtype)
+    y32, ty32 = adaln_jvp(x, tx, shift, tshift, scale, tscale, norm=norm, weight=w)
+    assert y.dtype == ty.dtype == out_dtype
+    assert torch.equal(y, y32.to(out_dtype)) and torch.equal(ty, ty32.to(out_dtype))
+    g = torch.randn(b, l, c).to(out_dtype)
+    (grad,) = torch.autograd.grad(y, x, g)
+    (grad32,) = torch.autograd.grad(y32.to(out_dtype), x, g)
+    assert torch.equal(grad, grad32)
+    with pytest.raises(ValueError, match="^out_dtype: "):
+        adaln_jvp(x, tx, shift, tshift, scale, tscale, norm=norm, weight=w, out_dtype=torch.int32)
 
 
 def test_compile_fullgraph_matches_eager():
@@ -410,7 +433,8 @@ def _require_kernel():
         f"CUDA device present but kernel op facm_ext::{norm_ops.KERNEL} missing: {_extension.load_error()}")
 
 
-def _gpu_case(op, dtype, shape, kind="bc", mod_dtype=None, mask=(True, True, True), misaligned=False):
+def _gpu_case(op, dtype, shape, kind="bc", mod_dtype=None, mask=(True, True, True), misaligned=False,
+              out_dtype=None):
     """Run one op on CUDA (asserting the kernel path) and compare with the float64 reference of the same inputs."""
     _require_kernel()
     dev = "cuda"
@@ -448,12 +472,18 @@ def _gpu_case(op, dtype, shape, kind="bc", mod_dtype=None, mask=(True, True, Tru
         norm = op.split("_")[1]
         wn = w if norm == "rms" else None
         backend_args = (x, tx, shift, tshift, scale, tscale, wn)
-        out = adaln_jvp(x, tx, shift, tshift, scale, tscale, norm=norm, weight=wn)
+        out = adaln_jvp(x, tx, shift, tshift, scale, tscale, norm=norm, weight=wn, out_dtype=out_dtype)
         expected = ref_jvp(lambda a, s, k: ref.adaln(a, s, k, norm, None if wn is None else wn.double()),
                            (x, shift, scale), (tx, tshift, tscale))
+        if out_dtype is not None:
+            # One rounding of the fp32 result: exactly the fp32 output cast.
+            wide = adaln_jvp(x, tx, shift, tshift, scale, tscale, norm=norm, weight=wn)
+            assert torch.equal(out[0], wide[0].to(out_dtype)) and torch.equal(out[1], wide[1].to(out_dtype))
     assert norm_ops.backend_for(*backend_args) == "cuda"
-    assert out[0].dtype == dtype and out[0].is_contiguous() and out[1].is_contiguous()
-    check_pair(out, expected, dtype, f"cuda {op} {dtype} {shape} {kind} mod={md} mask={mask} misaligned={misaligned}")
+    out_dtype = out_dtype or dtype
+    assert out[0].dtype == out[1].dtype == out_dtype and out[0].is_contiguous() and out[1].is_contiguous()
+    check_pair(out, expected, out_dtype,
+               f"cuda {op} {dtype} {shape} {kind} mod={md} mask={mask} misaligned={misaligned} out={out_dtype}")
 
 
 # 16-bit rows of > 128 aligned vectors take the shared-memory-staged kernel unless this asks for the register one.
@@ -500,6 +530,23 @@ def test_cuda_kernel_fp32_per_token_modulation(x_dtype, c, staging, monkeypatch)
         monkeypatch.setenv(STAGING_ENV, "registers")
     _gpu_case("adaln_layer", x_dtype, (1, 257, c), kind="per_token_strided", mod_dtype=torch.float32)
     _gpu_case("modulate", x_dtype, (1, 257, c), kind="per_token_strided", mod_dtype=torch.float32)
+
+
+@requires_cuda
+@pytest.mark.parametrize("staging", ["default", "registers"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("c", [72, 1152, 5120, 1000])
+@pytest.mark.parametrize("kind", ["bc", "per_token_strided"])
+@pytest.mark.parametrize("mod_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["adaln_layer", "adaln_rms"])
+def test_cuda_adaln_narrow_output(op, mod_dtype, kind, c, out_dtype, staging, monkeypatch):
+    """fp32 x, outputs in the 16-bit dtype the consumer casts to: written by the staged kernel (C = 1152, 5120),
+    cast after the register kernel elsewhere (C = 72, 1000, or staging off); bit-equal to the fp32 outputs cast."""
+    if staging == "registers":
+        monkeypatch.setenv(STAGING_ENV, "registers")
+    _gpu_case(op, torch.float32, (2, 19, c), kind=kind, mod_dtype=mod_dtype, out_dtype=out_dtype)
+    _gpu_case(op, torch.float32, (2, 19, c), kind=kind, mod_dtype=mod_dtype, out_dtype=out_dtype,
+              mask=(True, False, True))
 
 
 @requires_cuda

@@ -436,28 +436,35 @@ __device__ __forceinline__ void load_or_zero(const M* row, int e, float (&out)[N
   }
 }
 
-template <typename T, int MOD>
+template <typename T, int MOD, typename O>
 struct StagedRow {
   const ModElem<T, MOD>* shift;
   const ModElem<T, MOD>* tshift;
   const ModElem<T, MOD>* scale;
   const ModElem<T, MOD>* tscale;
-  T* y;
-  T* ty;
+  O* y;
+  O* ty;
 };
 
-// y and y' of one staged vector at channel e (the affine and modulation inputs read in 4-channel chunks).
-template <typename T, int NORM, int AFFINE, int MOD, int VEC>
-__device__ __forceinline__ void write_staged_vector(const NormJvpParams& p, const StagedRow<T, MOD>& r, int e,
+// VEC outputs of type O stored as one transaction (16 bytes when O is x's type; 8 for 16-bit outputs of fp32 x).
+template <typename O, int VEC>
+struct alignas(VEC * sizeof(O)) OutVec {
+  O v[VEC];
+};
+
+// y and y' of one staged vector at channel e (the affine and modulation inputs read in 4-channel chunks), written
+// as O (x's type, or the 16-bit type an fp32 x's consumer casts to: rounded once, as that cast would).
+template <typename T, int NORM, int AFFINE, int MOD, int VEC, typename O>
+__device__ __forceinline__ void write_staged_vector(const NormJvpParams& p, const StagedRow<T, MOD, O>& r, int e,
                                                     const Raw<T, VEC>& x_raw, const Raw<T, VEC>& tx_raw,
                                                     const RowStats& st) {
   using M = ModElem<T, MOD>;
   constexpr int kChunk = 4;
   const T* xs = reinterpret_cast<const T*>(&x_raw);
   const T* ts = reinterpret_cast<const T*>(&tx_raw);
-  Raw<T, VEC> y_raw, ty_raw;
-  T* ys = reinterpret_cast<T*>(&y_raw);
-  T* tys = reinterpret_cast<T*>(&ty_raw);
+  OutVec<O, VEC> y_out, ty_out;
+  O* ys = y_out.v;
+  O* tys = ty_out.v;
 #pragma unroll
   for (int c0 = 0; c0 < VEC; c0 += kChunk) {
     float w[kChunk], bias[kChunk], shift[kChunk], tshift[kChunk], scale[kChunk], tscale[kChunk];
@@ -482,19 +489,19 @@ __device__ __forceinline__ void write_staged_vector(const NormJvpParams& p, cons
       if constexpr ((AFFINE & kAffineBias) != 0) a += bias[j];
       if constexpr (MOD != kModNone) {
         const float gain = 1.f + scale[j];
-        ys[c0 + j] = from_float<T>(a * gain + shift[j]);
-        tys[c0 + j] = from_float<T>(at * gain + a * tscale[j] + tshift[j]);
+        ys[c0 + j] = from_float<O>(a * gain + shift[j]);
+        tys[c0 + j] = from_float<O>(at * gain + a * tscale[j] + tshift[j]);
       } else {
-        ys[c0 + j] = from_float<T>(a);
-        tys[c0 + j] = from_float<T>(at);
+        ys[c0 + j] = from_float<O>(a);
+        tys[c0 + j] = from_float<O>(at);
       }
     }
   }
-  *reinterpret_cast<Raw<T, VEC>*>(r.y + e) = y_raw;
-  *reinterpret_cast<Raw<T, VEC>*>(r.ty + e) = ty_raw;
+  *reinterpret_cast<OutVec<O, VEC>*>(r.y + e) = y_out;
+  *reinterpret_cast<OutVec<O, VEC>*>(r.ty + e) = ty_out;
 }
 
-template <typename T, int NORM, int AFFINE, int MOD>
+template <typename T, int NORM, int AFFINE, int MOD, typename O>
 __global__ void __launch_bounds__(kStagedThreads, kStagedMinBlocks) norm_jvp_smem_kernel(const NormJvpParams p) {
   constexpr int VEC = 16 / static_cast<int>(sizeof(T));
   static_assert(NORM != static_cast<int>(NormKind::kNone), "modulation alone runs modulate_jvp_kernel");
@@ -519,13 +526,13 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedMinBlocks) norm_jvp_sme
     for (int v = threadIdx.x; v < vectors; v += threads) copy16_async(tx_s + v * VEC, tx_row + v * VEC);
   }
   using M = ModElem<T, MOD>;
-  StagedRow<T, MOD> r;
+  StagedRow<T, MOD, O> r;
   r.shift = operand_row<M>(p.shift, b, l);
   r.tshift = operand_row<M>(p.tshift, b, l);
   r.scale = operand_row<M>(p.scale, b, l);
   r.tscale = operand_row<M>(p.tscale, b, l);
-  r.y = static_cast<T*>(p.y) + row * C;
-  r.ty = static_cast<T*>(p.ty) + row * C;
+  r.y = static_cast<O*>(p.y) + row * C;
+  r.ty = static_cast<O*>(p.ty) + row * C;
   wait_async_copies();
   __syncthreads();
 
@@ -565,7 +572,7 @@ __global__ void __launch_bounds__(kStagedThreads, kStagedMinBlocks) norm_jvp_sme
   for (int v = threadIdx.x; v < vectors; v += threads) {
     const Vec xr = *reinterpret_cast<const Vec*>(x_s + v * VEC);
     const Vec tr = has_tx ? *reinterpret_cast<const Vec*>(tx_s + v * VEC) : zero;
-    write_staged_vector<T, NORM, AFFINE, MOD, VEC>(p, r, v * VEC, xr, tr, st);
+    write_staged_vector<T, NORM, AFFINE, MOD, VEC, O>(p, r, v * VEC, xr, tr, st);
   }
 }
 
@@ -670,17 +677,33 @@ bool use_staged_rows(const NormJvpParams& p, bool vectorized, int64_t vectors) {
   return choice == nullptr || std::strcmp(choice, "registers") != 0;
 }
 
-template <typename T, int NORM, int AFFINE>
-cudaError_t launch_staged_mod(const NormJvpParams& p, const dim3 grid, const dim3 block, size_t smem,
-                              cudaStream_t stream) {
+template <typename T, int NORM, int AFFINE, typename O>
+void launch_staged_out(const NormJvpParams& p, const dim3 grid, const dim3 block, size_t smem, cudaStream_t stream) {
   const bool any_mod = p.shift.data != nullptr || p.tshift.data != nullptr || p.scale.data != nullptr ||
                        p.tscale.data != nullptr;
   if (!any_mod) {
-    norm_jvp_smem_kernel<T, NORM, AFFINE, kModNone><<<grid, block, smem, stream>>>(p);
+    norm_jvp_smem_kernel<T, NORM, AFFINE, kModNone, O><<<grid, block, smem, stream>>>(p);
   } else if (p.mod_type == ElemType::kFloat32) {
-    norm_jvp_smem_kernel<T, NORM, AFFINE, kModF32><<<grid, block, smem, stream>>>(p);
+    norm_jvp_smem_kernel<T, NORM, AFFINE, kModF32, O><<<grid, block, smem, stream>>>(p);
+  } else if constexpr (!std::is_same_v<T, float>) {  // for fp32 x, "same" is kModF32
+    norm_jvp_smem_kernel<T, NORM, AFFINE, kModSame, O><<<grid, block, smem, stream>>>(p);
+  }
+}
+
+template <typename T, int NORM, int AFFINE>
+cudaError_t launch_staged_mod(const NormJvpParams& p, const dim3 grid, const dim3 block, size_t smem,
+                              cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    switch (p.y_type) {
+      case ElemType::kFloat32: launch_staged_out<T, NORM, AFFINE, float>(p, grid, block, smem, stream); break;
+      case ElemType::kBFloat16:
+        launch_staged_out<T, NORM, AFFINE, __nv_bfloat16>(p, grid, block, smem, stream);
+        break;
+      case ElemType::kFloat16: launch_staged_out<T, NORM, AFFINE, __half>(p, grid, block, smem, stream); break;
+    }
   } else {
-    norm_jvp_smem_kernel<T, NORM, AFFINE, kModSame><<<grid, block, smem, stream>>>(p);
+    if (p.y_type != p.x_type) return cudaErrorInvalidValue;
+    launch_staged_out<T, NORM, AFFINE, T>(p, grid, block, smem, stream);
   }
   return cudaGetLastError();
 }
@@ -784,10 +807,17 @@ int64_t max_channels(const NormJvpParams& p) {
   return static_cast<int64_t>(kMaxThreads) * kMaxItemsScalar;
 }
 
+bool narrow_output_supported(const NormJvpParams& p) {
+  if (p.x_type != ElemType::kFloat32 || p.norm == NormKind::kNone || p.channels > max_channels(p)) return false;
+  const bool vectorized = can_vectorize(p);
+  return use_staged_rows(p, vectorized, ceil_div(p.channels, vectorized ? vector_width(p.x_type) : 1));
+}
+
 cudaError_t launch_norm_jvp(const NormJvpParams& p, cudaStream_t stream) {
   const int64_t rows = p.batch * p.length;
   if (rows == 0 || p.channels == 0) return cudaSuccess;
   if (p.channels > max_channels(p)) return cudaErrorInvalidValue;
+  if (p.y_type != p.x_type && !narrow_output_supported(p)) return cudaErrorInvalidValue;
   const bool vectorized = can_vectorize(p);
   if (p.norm == NormKind::kNone) {
     switch (p.x_type) {

@@ -28,15 +28,16 @@ struct Operand3d {
 
 struct NormJvpParams {
   int64_t batch = 0, length = 0, channels = 0;
-  ElemType x_type = ElemType::kFloat32;    // dtype of x, tx, y and ty
+  ElemType x_type = ElemType::kFloat32;    // dtype of x and tx
+  ElemType y_type = ElemType::kFloat32;    // dtype of y and ty: x_type, or 16-bit for fp32 x (narrow_output_supported)
   ElemType mod_type = ElemType::kFloat32;  // dtype of shift, tshift, scale, tscale: x_type or kFloat32
   NormKind norm = NormKind::kNone;
   float eps = 1e-6f;
   Operand3d x, tx, shift, tshift, scale, tscale;
   const float* weight = nullptr;  // [C] fp32 contiguous, or nullptr
   const float* bias = nullptr;    // [C] fp32 contiguous, or nullptr
-  void* y = nullptr;              // [B, L, C] contiguous, x_type
-  void* ty = nullptr;             // [B, L, C] contiguous, x_type
+  void* y = nullptr;              // [B, L, C] contiguous, y_type
+  void* ty = nullptr;             // [B, L, C] contiguous, y_type
   float* mean = nullptr;          // [B * L] (layer norm) or nullptr
   float* rstd = nullptr;          // [B * L] (layer / rms norm) or nullptr
 };
@@ -46,6 +47,11 @@ bool can_vectorize(const NormJvpParams& p);
 
 // Largest C the kernels handle for these parameters (register-resident rows); larger rows must use another path.
 int64_t max_channels(const NormJvpParams& p);
+
+// Whether the kernel writes y, ty in a 16-bit y_type for fp32 x with these parameters (rows staged in shared
+// memory, the fp32 x of fp32-parameter models under autocast); elsewhere y_type must equal x_type. y and ty need not
+// be set yet (allocations are 16-byte aligned).
+bool narrow_output_supported(const NormJvpParams& p);
 
 // Launches the kernel on `stream`; returns the launch's cudaError_t (cudaSuccess when nothing to do).
 cudaError_t launch_norm_jvp(const NormJvpParams& p, cudaStream_t stream);

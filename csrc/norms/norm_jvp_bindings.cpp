@@ -61,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_modulate_jvp_cud
     const at::Tensor& x, const std::optional<at::Tensor>& tx, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& shift,
     const std::optional<at::Tensor>& tshift, const std::optional<at::Tensor>& scale,
-    const std::optional<at::Tensor>& tscale, int64_t norm, double eps) {
+    const std::optional<at::Tensor>& tscale, int64_t norm, double eps, std::optional<at::ScalarType> out_dtype) {
   TORCH_CHECK(x.is_cuda(), "norm_modulate_jvp_cuda: x must be a CUDA tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 3, "norm_modulate_jvp_cuda: x must be [B, L, C], got ", facm_ext::dims_str(x.sizes()));
   TORCH_CHECK(x.size(2) >= 1, "norm_modulate_jvp_cuda: x must have at least one channel, got ", facm_ext::dims_str(x.sizes()));
@@ -81,6 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_modulate_jvp_cud
   p.length = x.size(1);
   p.channels = x.size(2);
   p.x_type = elem_type(x, "x");
+  p.y_type = p.x_type;
   p.norm = static_cast<NormKind>(norm);
   p.eps = static_cast<float>(eps);
   p.x = operand(x, "x", x);
@@ -112,9 +113,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_modulate_jvp_cud
   p.weight = channel_vector(weight, "weight", x);
   p.bias = channel_vector(bias, "bias", x);
 
+  // An output dtype other than x's: a 16-bit type for fp32 x, written by the kernel where it can
+  // (narrow_output_supported), else cast after it. Either way the fp32 result is rounded once.
+  const at::ScalarType y_dtype = out_dtype.value_or(x.scalar_type());
+  bool cast_after = false;
+  if (y_dtype != x.scalar_type()) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat && (y_dtype == at::kBFloat16 || y_dtype == at::kHalf),
+                "norm_modulate_jvp_cuda: out_dtype must be x's dtype, or bfloat16 / float16 for float32 x; got ",
+                std::string(c10::toString(y_dtype)), " for x of dtype ", std::string(c10::toString(x.scalar_type())));
+    p.y_type = y_dtype == at::kBFloat16 ? ElemType::kBFloat16 : ElemType::kFloat16;
+    if (!narrow_output_supported(p)) {
+      p.y_type = p.x_type;
+      cast_after = true;
+    }
+  }
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor ty = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto y_options = x.options().dtype(cast_after ? x.scalar_type() : y_dtype)
+                             .memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor y = at::empty(x.sizes(), y_options);
+  at::Tensor ty = at::empty(x.sizes(), y_options);
   const int64_t rows = p.batch * p.length;
   const auto stat_options = x.options().dtype(at::kFloat);
   at::Tensor mean = at::empty({norm == 1 ? rows : 0}, stat_options);
@@ -129,6 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_modulate_jvp_cud
               " channels for these inputs (use the PyTorch path: facm_ext.ops.norms)");
   const cudaError_t err = launch_norm_jvp(p, c10::cuda::getCurrentCUDAStream(x.get_device()).stream());
   TORCH_CHECK(err == cudaSuccess, "norm_modulate_jvp_cuda: kernel launch failed: ", cudaGetErrorString(err));
+  if (cast_after) return {y.to(y_dtype), ty.to(y_dtype), mean, rstd};
   return {y, ty, mean, rstd};
 }
 
@@ -138,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_modulate_jvp_cud
 TORCH_LIBRARY_FRAGMENT(facm_ext, m) {
   m.def(
       "norm_modulate_jvp_cuda(Tensor x, Tensor? tx, Tensor? weight, Tensor? bias, Tensor? shift, Tensor? tshift, "
-      "Tensor? scale, Tensor? tscale, int norm, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? scale, Tensor? tscale, int norm, float eps, ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(facm_ext, CUDA, m) {

@@ -124,9 +124,11 @@ def _dual_of(pair):
     return primal if tangent is None else make_dual(primal, tangent)
 
 
-def _adaln(x, shift, scale, spec, norm_module: nn.Module, per_token: bool = False):
+def _adaln(x, shift, scale, spec, norm_module: nn.Module, per_token: bool = False,
+           cast_to: Optional[torch.dtype] = None):
     """norm(x) * (1 + scale) + shift, fused; falls back to the block's own expression. shift/scale: (primal,
-    tangent) pairs (see :func:`_chunks`), [B, C] broadcast over tokens, or per token [B, L, C] (``per_token``)."""
+    tangent) pairs (see :func:`_chunks`), [B, C] broadcast over tokens, or per token [B, L, C] (``per_token``).
+    cast_to: the dtype the result is cast to next (None: none); the fused op then writes it, rounding once."""
     kind, has_weight, eps, policy = spec
     weight = norm_module.weight if has_weight else None
     x_p, x_t = split_dual(x)
@@ -140,7 +142,7 @@ def _adaln(x, shift, scale, spec, norm_module: nn.Module, per_token: bool = Fals
         scale_p, scale_t = scale
         w = None if weight is None else (weight if weight.dtype == x_p.dtype else weight.to(x_p.dtype))
         result, why = call_op("adaln_jvp", "adaLN block norm+modulate", x_p, x_t, shift_p, shift_t, scale_p,
-                              scale_t, norm=kind, weight=w, eps=eps)
+                              scale_t, norm=kind, weight=w, eps=eps, out_dtype=cast_to)
         if result is not None:
             return wrap_op_result(*result)
         record_fallback("adaLN block norm+modulate", why)
@@ -173,18 +175,38 @@ def _gated(x, gate, y, per_token: bool = False):
     return x + gate.unsqueeze(1) * y
 
 
+def _autocast_input_dtype(module: nn.Module, x_dtype: torch.dtype, device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype when ``module``'s input (of ``x_dtype``, fp32) only feeds an nn.Linear under autocast
+    (a verified attention module's qkv, a recognized MLP's first layer): that Linear casts it to the 16-bit dtype
+    first, so the norm before it may write that dtype directly (rounded once, as the cast rounds). None where the
+    call could reach other code: autocast off, a module-call handler, a registered rule, hooks, another form."""
+    if x_dtype != torch.float32 or not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    handlers = _modules._HANDLERS
+    if dtype not in (torch.float16, torch.bfloat16) or (handlers and any(p(module) for p, _ in handlers)) \
+            or _modules._user_rule(type(module)) is not None or _modules._has_hooks(module):
+        return None
+    check = getattr(_modules._pattern_for(module), "input_only_to_a_linear", None)
+    return dtype if check is not None and check(module) else None
+
+
 def _fused_forward(block: nn.Module, args: tuple, norms):
     x, c, extra = args[0], args[1], args[2:]
     modulation = block.adaLN_modulation(c)
     with DisableTorchFunctionSubclass():
-        widen = x.dtype == torch.float32 and modulation.dtype in (torch.float16, torch.bfloat16)
+        x_dtype, device_type = x.dtype, x.device.type
+        widen = x_dtype == torch.float32 and modulation.dtype in (torch.float16, torch.bfloat16)
     # An fp32 residual stream with 16-bit modulation (fp32 parameters under autocast): the norm op would cast each
     # of its four modulation chunks to fp32 (8 launches per block); one cast of the [B, 6C] output and its tangent
     # gives the same values. The gated residual reads an fp32 gate as it reads a 16-bit one.
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _chunks(modulation, 6, 1,
                                                                               torch.float32 if widen else None)
-    x = _gated(x, gate_msa, block.attn(_adaln(x, shift_msa, scale_msa, norms[0], block.norm1), *extra))
-    x = _gated(x, gate_mlp, block.mlp(_adaln(x, shift_mlp, scale_mlp, norms[1], block.norm2)))
+    attn_dtype = _autocast_input_dtype(block.attn, x_dtype, device_type)
+    mlp_dtype = _autocast_input_dtype(block.mlp, x_dtype, device_type)
+    x = _gated(x, gate_msa, block.attn(_adaln(x, shift_msa, scale_msa, norms[0], block.norm1, cast_to=attn_dtype),
+                                       *extra))
+    x = _gated(x, gate_mlp, block.mlp(_adaln(x, shift_mlp, scale_mlp, norms[1], block.norm2, cast_to=mlp_dtype)))
     return x
 
 
@@ -354,10 +376,12 @@ def _wan_fused_forward(block: nn.Module, args: tuple, norms):
     mods = [(p.squeeze(2), None if t is None else t.squeeze(2))
             for p, t in _chunks(block.modulation.unsqueeze(0) + e, 6, 2)]
     shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mods
-    h = _cast(_adaln(x, shift_sa, scale_sa, norms[0], block.norm1, per_token=True), compute_dtype)
+    h = _cast(_adaln(x, shift_sa, scale_sa, norms[0], block.norm1, per_token=True, cast_to=compute_dtype),
+              compute_dtype)
     x = _gated(x, gate_sa, block.self_attn(h, seq_lens, rope_cos, rope_sin), per_token=True)
     x = x + block.cross_attn(_cast(block.norm3(x), compute_dtype), context, context_lens)
-    h = _cast(_adaln(x, shift_ff, scale_ff, norms[1], block.norm2, per_token=True), compute_dtype)
+    h = _cast(_adaln(x, shift_ff, scale_ff, norms[1], block.norm2, per_token=True, cast_to=compute_dtype),
+              compute_dtype)
     return _gated(x, gate_ff, block.ffn(h), per_token=True)
 
 
@@ -427,6 +451,8 @@ def attention_module_rule(module: nn.Module):
             return NotImplemented
         return _attention_forward(mod, x, rope)
 
+    # Once verified, the module's input only feeds its qkv Linear (see _autocast_input_dtype).
+    attention_rule.input_only_to_a_linear = lambda mod: module_ref() is mod and verdict.get("ok") is True
     return attention_rule
 
 

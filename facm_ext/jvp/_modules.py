@@ -393,6 +393,9 @@ def _make_mlp_rule(first: nn.Linear, second: nn.Linear, activation: str):
             return NotImplemented
         return wrap_op_result(*result)
 
+    # Its input only feeds the first Linear (the structure was recognized or probed), whose autocast cast makes a
+    # 16-bit input of the same values equivalent: see facm_ext.jvp._blocks._autocast_input_dtype.
+    mlp_rule.input_only_to_a_linear = lambda mod: True
     return mlp_rule
 
 

@@ -157,9 +157,11 @@ def _stats_shape(x: Tensor) -> tuple:
     return tuple(x.shape[:-1]) + (1,)
 
 
-def _forward_reference(norm: int, x: Tensor, tx, weight, bias, shift, tshift, scale, tscale, eps: float):
+def _forward_reference(norm: int, x: Tensor, tx, weight, bias, shift, tshift, scale, tscale, eps: float,
+                       out_dtype: Optional[torch.dtype] = None):
     """The fused formulas (docs/jvp_math.md) in fp32 (float64 for float64 x). Returns (y, ty, mean, rstd): y, ty
-    contiguous in x's dtype; mean [rows] (LayerNorm) or [0]; rstd [rows] (LayerNorm, RMSNorm) or [0]."""
+    contiguous in ``out_dtype`` (default x's dtype); mean [rows] (LayerNorm) or [0]; rstd [rows] (LayerNorm,
+    RMSNorm) or [0]."""
     cd = _compute_dtype(x)
     rows = x.numel() // x.shape[-1]
     xc = x.to(cd)
@@ -202,8 +204,9 @@ def _forward_reference(norm: int, x: Tensor, tx, weight, bias, shift, tshift, sc
         if tshift is not None:
             term = _tokenwise(tshift).to(cd).expand(y.shape)
             ty = term if ty is None else ty + term
-    y = y.to(x.dtype).contiguous()
-    ty = torch.zeros_like(y) if ty is None else ty.to(x.dtype).contiguous()
+    out_dtype = out_dtype or x.dtype
+    y = y.to(out_dtype).contiguous()
+    ty = torch.zeros_like(y) if ty is None else ty.to(out_dtype).contiguous()
     if ty.shape != y.shape:  # only tangents that broadcast (a [B, C] tshift alone): materialize x's shape
         ty = ty.expand(y.shape).contiguous()
     return y, ty, mean, rstd
@@ -223,10 +226,10 @@ def register_kernel_fake() -> bool:
         _kernel_fake_registered = True
 
         @torch.library.register_fake(f"facm_ext::{KERNEL}")
-        def _kernel_fake(x, tx, weight, bias, shift, tshift, scale, tscale, norm, eps):
+        def _kernel_fake(x, tx, weight, bias, shift, tshift, scale, tscale, norm, eps, out_dtype=None):
             rows = x.shape[0] * x.shape[1]
-            y = x.new_empty(x.shape)
-            ty = x.new_empty(x.shape)
+            y = x.new_empty(x.shape, dtype=out_dtype or x.dtype)
+            ty = x.new_empty(x.shape, dtype=out_dtype or x.dtype)
             mean = x.new_empty((rows if norm == 1 else 0,), dtype=torch.float32)
             rstd = x.new_empty((rows if norm != 0 else 0,), dtype=torch.float32)
             return y, ty, mean, rstd
@@ -285,7 +288,12 @@ def _fp32_vector(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.to(torch.float32).contiguous()
 
 
-def _forward_kernel(norm: int, x: Tensor, tx, weight, bias, shift, tshift, scale, tscale, eps: float):
+# Output dtypes the kernel writes for an x dtype other than its own (the cast an fp32 x's 16-bit consumer makes).
+_KERNEL_NARROWING = {(torch.float32, torch.bfloat16), (torch.float32, torch.float16)}
+
+
+def _forward_kernel(norm: int, x: Tensor, tx, weight, bias, shift, tshift, scale, tscale, eps: float,
+                    out_dtype: Optional[torch.dtype] = None):
     """The CUDA kernel on [B', L', C] views; same outputs as :func:`_forward_reference` (stats in fp32)."""
     if not _kernel_fake_registered:
         register_kernel_fake()
@@ -312,17 +320,22 @@ def _forward_kernel(norm: int, x: Tensor, tx, weight, bias, shift, tshift, scale
             mod_dtype = torch.float32
         mods3 = [None if m is None else _channels_contiguous(_cast(_tokenwise(m), mod_dtype)).expand(shape3)
                  for m in mods]
-    y, ty, mean, rstd = torch.ops.facm_ext.norm_modulate_jvp_cuda(x3, tx3, _fp32_vector(weight),
-                                                                   _fp32_vector(bias), *mods3, norm, eps)
+    cast_after = out_dtype is not None and out_dtype != x.dtype and (x.dtype, out_dtype) not in _KERNEL_NARROWING
+    y, ty, mean, rstd = torch.ops.facm_ext.norm_modulate_jvp_cuda(
+        x3, tx3, _fp32_vector(weight), _fp32_vector(bias), *mods3, norm, eps,
+        out_dtype=None if cast_after else out_dtype)
+    if cast_after:
+        y, ty = y.to(out_dtype), ty.to(out_dtype)
     if x3 is x:
         return y, ty, mean, rstd
     return y.view(x.shape), ty.view(x.shape), mean, rstd
 
 
-def _forward(norm: int, x: Tensor, tx, weight, bias, shift, tshift, scale, tscale, eps: float):
+def _forward(norm: int, x: Tensor, tx, weight, bias, shift, tshift, scale, tscale, eps: float,
+             out_dtype: Optional[torch.dtype] = None):
     if _kernel_eligible(x, tx, weight, bias, shift, tshift, scale, tscale):
-        return _forward_kernel(norm, x, tx, weight, bias, shift, tshift, scale, tscale, eps)
-    return _forward_reference(norm, x, tx, weight, bias, shift, tshift, scale, tscale, eps)
+        return _forward_kernel(norm, x, tx, weight, bias, shift, tshift, scale, tscale, eps, out_dtype)
+    return _forward_reference(norm, x, tx, weight, bias, shift, tshift, scale, tscale, eps, out_dtype)
 
 
 def backend_for(x: Tensor, *others) -> str:
@@ -330,11 +343,11 @@ def backend_for(x: Tensor, *others) -> str:
     return "cuda" if _kernel_eligible(x, *others) else "reference"
 
 
-def _fake_forward(norm: int, x: Tensor):
+def _fake_forward(norm: int, x: Tensor, out_dtype: Optional[torch.dtype] = None):
     rows = x.numel() // x.shape[-1]
     stat = _compute_dtype(x)
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    ty = torch.empty_like(x, memory_format=torch.contiguous_format)
+    y = torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
+    ty = torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
     mean = x.new_empty((rows if norm == 1 else 0,), dtype=stat)
     rstd = x.new_empty((rows if norm != 0 else 0,), dtype=stat)
     return y, ty, mean, rstd
@@ -478,17 +491,18 @@ _modulate_op.register_autograd(_modulate_backward, setup_context=_modulate_setup
 
 @_common.jvp_custom_op("facm_ext::adaln_jvp")
 def _adaln_op(x: Tensor, tx: Optional[Tensor], shift: Tensor, tshift: Optional[Tensor], scale: Tensor,
-              tscale: Optional[Tensor], weight: Optional[Tensor], norm: str, eps: float) -> Pair4:
-    return _forward(_NORM_CODES[norm], x, tx, weight, None, shift, tshift, scale, tscale, eps)
+              tscale: Optional[Tensor], weight: Optional[Tensor], norm: str, eps: float,
+              out_dtype: Optional[torch.dtype] = None) -> Pair4:
+    return _forward(_NORM_CODES[norm], x, tx, weight, None, shift, tshift, scale, tscale, eps, out_dtype)
 
 
 @_adaln_op.register_fake
-def _(x, tx, shift, tshift, scale, tscale, weight, norm, eps):
-    return _fake_forward(_NORM_CODES[norm], x)
+def _(x, tx, shift, tshift, scale, tscale, weight, norm, eps, out_dtype=None):
+    return _fake_forward(_NORM_CODES[norm], x, out_dtype)
 
 
 def _adaln_setup(ctx, inputs, output):
-    x, tx, shift, tshift, scale, tscale, weight, norm, eps = inputs
+    x, tx, shift, tshift, scale, tscale, weight, norm = inputs[:8]
     _save(ctx, _NORM_CODES[norm], x, weight, None, shift, scale, output, {
         "x": x.requires_grad, "weight": weight is not None and weight.requires_grad, "bias": False,
         "shift": shift.requires_grad, "scale": scale.requires_grad})
@@ -496,7 +510,7 @@ def _adaln_setup(ctx, inputs, output):
 
 def _adaln_backward(ctx, grad_y, grad_ty, grad_mean, grad_rstd):
     g = _backward(ctx, grad_y)
-    return g["x"], None, g["shift"], None, g["scale"], None, g["weight"], None, None
+    return g["x"], None, g["shift"], None, g["scale"], None, g["weight"], None, None, None
 
 
 _adaln_op.register_autograd(_adaln_backward, setup_context=_adaln_setup)
@@ -561,16 +575,23 @@ def modulate_jvp(x: Tensor, tx: Optional[Tensor], shift: Tensor, tshift: Optiona
 
 def adaln_jvp(x: Tensor, tx: Optional[Tensor], shift: Tensor, tshift: Optional[Tensor], scale: Tensor,
               tscale: Optional[Tensor], norm: str = "layer", weight: Optional[Tensor] = None,
-              eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+              eps: float = 1e-6, out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     """Norm (``"layer"``: LayerNorm without bias, ``"rms"``: RMSNorm) times weight, then adaLN modulation, and the
     JVP of the whole, in one pass: ``y = norm(x) * weight * (1 + scale) + shift``.
 
     x: [B, L, C]; shift, scale: [B, C] or 3-D broadcasting to [B, L, C] (Wan: per-token fp32 strided views);
-    tangents None or their primal's shape; weight: [C] or None. Returns (y, ty): [B, L, C] contiguous, x's dtype.
+    tangents None or their primal's shape; weight: [C] or None. out_dtype: the outputs' dtype (default x's): the
+    fp32 result is rounded once to it. For fp32 x and a bf16/fp16 out_dtype (the input of a 16-bit linear under
+    autocast, or Wan's ``.to(dtype)``) the kernel writes it directly where it stages rows in shared memory (C of
+    LightningDiT and Wan), else the op casts after it. Returns (y, ty): [B, L, C] contiguous, out_dtype.
     """
     _check_norm(norm)
     if not (_plain_modulated_args(x, tx, shift, tshift, scale, tscale) and _plain_channel_vector(weight, x)):
         _check_modulated_args(x, tx, shift, tshift, scale, tscale)
         _check_channel_vector("weight", weight, x)
-    y, ty, _, _ = _adaln_op(x, tx, shift, tshift, scale, tscale, weight, norm, _check_eps(eps))
+    if out_dtype is not None and out_dtype not in _common.FLOAT_DTYPES:
+        raise ValueError(f"out_dtype: expected None or one of {', '.join(map(str, _common.FLOAT_DTYPES))}, "
+                         f"got {out_dtype!r}")
+    y, ty, _, _ = _adaln_op(x, tx, shift, tshift, scale, tscale, weight, norm, _check_eps(eps),
+                            None if out_dtype == x.dtype else out_dtype)
     return y, ty
