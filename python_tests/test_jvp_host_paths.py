@@ -559,6 +559,27 @@ def _make_unavailable(monkeypatch, unavailable):
         monkeypatch.setattr(module, "call_op", call_op)
 
 
+def _spy_block_ops(monkeypatch) -> list:
+    """Record the (op name, positional args, keyword args) of the adaLN blocks' adaln_jvp and gated_residual_jvp
+    calls (the returned list fills as the transform runs)."""
+    from facm_ext.jvp import _blocks
+
+    calls = []
+    real_call_op = _blocks.call_op
+
+    def spy(name, what, *args, **kwargs):
+        if name in ("adaln_jvp", "gated_residual_jvp"):
+            calls.append((name, args, kwargs))
+        return real_call_op(name, what, *args, **kwargs)
+
+    monkeypatch.setattr(_blocks, "call_op", spy)
+    return calls
+
+
+def _adaln_out_dtypes(calls: list) -> list:
+    return [kwargs.get("out_dtype") for name, _, kwargs in calls if name == "adaln_jvp"]
+
+
 def test_adaln_block_widens_16bit_modulation_once_for_an_fp32_residual_stream(monkeypatch):
     """fp32 parameters under bf16 autocast: the residual stream is fp32 and the adaLN linear's output bf16. The block
     rule casts that [B, 6C] output (and its tangent) to fp32 once, so the norm op gets fp32 modulation instead of
@@ -574,23 +595,16 @@ def test_adaln_block_widens_16bit_modulation_once_for_an_fp32_residual_stream(mo
     y = torch.tensor([0, 2])
     x, t = torch.randn(2, 4, 2, 2), torch.rand(2)
     tangents = (torch.randn(2, 4, 2, 2), torch.ones(2))
-    seen = []
-    real_call_op = _blocks.call_op
-
-    def spy(name, what, *args, **kwargs):
-        if name in ("adaln_jvp", "gated_residual_jvp"):
-            seen.append((name, args[0].dtype, args[2].dtype, args[4].dtype))
-        return real_call_op(name, what, *args, **kwargs)
-
-    monkeypatch.setattr(_blocks, "call_op", spy)
+    calls = _spy_block_ops(monkeypatch)
 
     def run():
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
             return facm_ext.jvp(lambda a, b: model(a, b, y), (x, t), tangents)
 
     run()  # first call: recognition and verification
-    seen.clear()
+    calls.clear()
     out, tout = run()
+    seen = [(name, args[0].dtype, args[2].dtype, args[4].dtype) for name, args, _ in calls]
     adaln = [s for s in seen if s[0] == "adaln_jvp"]
     gated = [s for s in seen if s[0] == "gated_residual_jvp"]
     assert len(adaln) == 4 and len(gated) == 4, seen
@@ -601,9 +615,9 @@ def test_adaln_block_widens_16bit_modulation_once_for_an_fp32_residual_stream(mo
 
     real_chunks = _blocks._chunks
     monkeypatch.setattr(_blocks, "_chunks", lambda value, chunks, dim, dtype=None: real_chunks(value, chunks, dim))
-    seen.clear()
+    calls.clear()
     ref_out, ref_tout = run()
-    assert all(s[2] == torch.bfloat16 for s in seen if s[0] == "adaln_jvp"), seen
+    assert all(args[2].dtype == torch.bfloat16 for name, args, _ in calls if name == "adaln_jvp"), calls
     assert torch.equal(out, ref_out) and torch.equal(tout, ref_tout)
 
 
@@ -623,15 +637,7 @@ def test_adaln_block_norms_write_the_dtype_their_linear_casts_to(monkeypatch, gr
     y = torch.tensor([0, 2])
     x, t = torch.randn(2, 4, 2, 2, requires_grad=grad), torch.rand(2)
     tangents = (torch.randn(2, 4, 2, 2), torch.ones(2))
-    out_dtypes = []
-    real_call_op = _blocks.call_op
-
-    def spy(name, what, *args, **kwargs):
-        if name == "adaln_jvp":
-            out_dtypes.append(kwargs.get("out_dtype"))
-        return real_call_op(name, what, *args, **kwargs)
-
-    monkeypatch.setattr(_blocks, "call_op", spy)
+    calls = _spy_block_ops(monkeypatch)
 
     def run():
         model.zero_grad(set_to_none=True)
@@ -645,13 +651,13 @@ def test_adaln_block_norms_write_the_dtype_their_linear_casts_to(monkeypatch, gr
         return out, tout, grads
 
     run()
-    out_dtypes.clear()
+    calls.clear()
     out, tout, grads = run()
-    assert out_dtypes == [torch.bfloat16] * 4, out_dtypes
+    assert _adaln_out_dtypes(calls) == [torch.bfloat16] * 4, calls
     monkeypatch.setattr(_blocks, "_autocast_input_dtype", lambda *args: None)
-    out_dtypes.clear()
+    calls.clear()
     ref_out, ref_tout, ref_grads = run()
-    assert out_dtypes == [None] * 4, out_dtypes
+    assert _adaln_out_dtypes(calls) == [None] * 4, calls
     assert torch.equal(out, ref_out) and torch.equal(tout, ref_tout)
     assert len(grads) == len(ref_grads) == (41 if grad else 0)  # x and the 40 parameters with a gradient
     for g, r in zip(grads, ref_grads):
@@ -660,30 +666,22 @@ def test_adaln_block_norms_write_the_dtype_their_linear_casts_to(monkeypatch, gr
 
 def test_adaln_block_norm_output_stays_fp32_where_the_consumer_is_not_known(monkeypatch):
     """A registered rule for the MLP's type may use its input in any way: norm2 keeps its fp32 output."""
-    from facm_ext.jvp import _blocks, register_jvp_rule
+    from facm_ext.jvp import register_jvp_rule
     from facm_ext.models.lightningdit import LightningDiT, SwiGLUFFN
 
     model = LightningDiT(input_size=2, patch_size=1, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=3)
     y = torch.tensor([0, 2])
-    out_dtypes = []
-    real_call_op = _blocks.call_op
-
-    def spy(name, what, *args, **kwargs):
-        if name == "adaln_jvp":
-            out_dtypes.append(kwargs.get("out_dtype"))
-        return real_call_op(name, what, *args, **kwargs)
-
-    monkeypatch.setattr(_blocks, "call_op", spy)
+    calls = _spy_block_ops(monkeypatch)
     register_jvp_rule(SwiGLUFFN, lambda module, args, kwargs: module.forward(*args, **kwargs))
     try:
         for _ in range(2):
-            out_dtypes.clear()
+            calls.clear()
             with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
                 facm_ext.jvp(lambda a, b: model(a, b, y), (torch.randn(2, 4, 2, 2), torch.rand(2)),
                              (torch.randn(2, 4, 2, 2), torch.ones(2)))
     finally:
         register_jvp_rule(SwiGLUFFN, None)
-    assert out_dtypes == [torch.bfloat16, None], out_dtypes
+    assert _adaln_out_dtypes(calls) == [torch.bfloat16, None], calls
 
 
 # "a+b": both ops unavailable. rms_norm_rope_jvp replaces the qk-norm and RoPE ops of LightningDiT's attention, so

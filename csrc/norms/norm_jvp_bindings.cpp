@@ -156,7 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_modulate_jvp_cud
 TORCH_LIBRARY_FRAGMENT(facm_ext, m) {
   m.def(
       "norm_modulate_jvp_cuda(Tensor x, Tensor? tx, Tensor? weight, Tensor? bias, Tensor? shift, Tensor? tshift, "
-      "Tensor? scale, Tensor? tscale, int norm, float eps, ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? scale, Tensor? tscale, int norm, float eps, ScalarType? out_dtype=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(facm_ext, CUDA, m) {

@@ -25,7 +25,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 template <typename T, int kPairs>
-__global__ void __launch_bounds__(kWarps * 32) rms_norm_rope_jvp_kernel(RmsNormRopeArgs a) {
+__global__ void __launch_bounds__(kWarps * 32) rms_norm_rope_jvp_kernel(RmsNormRopeArgs n) {
+  const RopeArgs& a = n.rope;
   const int lane = threadIdx.x & 31;
   const int64_t pairs = a.head_dim / 2;
   const int64_t rows = a.batches * a.tokens * a.heads;
@@ -66,10 +67,10 @@ __global__ void __launch_bounds__(kWarps * 32) rms_norm_rope_jvp_kernel(RmsNormR
     }
     sum_xx = warp_sum(sum_xx);
     if (has_tangent) sum_xt = warp_sum(sum_xt);
-    const float r = rsqrtf(sum_xx * inv_dim + a.eps);
+    const float r = rsqrtf(sum_xx * inv_dim + n.eps);
     const float dr = -r * r * r * (sum_xt * inv_dim);  // r' = -r^3 mean(x x')
-    if (a.rstd != nullptr && lane == 0) {
-      a.rstd[b * a.rstd_stride_b + h * a.rstd_stride_h + l * a.rstd_stride_l] = r;
+    if (n.rstd != nullptr && lane == 0) {
+      n.rstd[b * n.rstd_stride_b + h * n.rstd_stride_h + l * n.rstd_stride_l] = r;
     }
 
     const float* cos_row = a.cos + l * a.table_row_stride;
@@ -87,8 +88,8 @@ __global__ void __launch_bounds__(kWarps * 32) rms_norm_rope_jvp_kernel(RmsNormR
       const int64_t k1 = a.per_pair ? p : c1;
       const float cos0 = __ldg(cos_row + k0), cos1 = __ldg(cos_row + k1);
       const float sin0 = __ldg(sin_row + k0), sin1 = __ldg(sin_row + k1);
-      const float w0 = a.weight != nullptr ? __ldg(a.weight + c0) : 1.0f;
-      const float w1 = a.weight != nullptr ? __ldg(a.weight + c1) : 1.0f;
+      const float w0 = n.weight != nullptr ? __ldg(n.weight + c0) : 1.0f;
+      const float w1 = n.weight != nullptr ? __ldg(n.weight + c1) : 1.0f;
       const float a0 = x0[i] * r * w0, a1 = x1[i] * r * w1;
       o_row[c0] = from_f32<T>(a0 * cos0 - a1 * sin0);
       o_row[c1] = from_f32<T>(a1 * cos1 + a0 * sin1);
@@ -100,7 +101,8 @@ __global__ void __launch_bounds__(kWarps * 32) rms_norm_rope_jvp_kernel(RmsNormR
 }
 
 template <typename T>
-cudaError_t launch_typed(const RmsNormRopeArgs& a, cudaStream_t stream) {
+cudaError_t launch_typed(const RmsNormRopeArgs& n, cudaStream_t stream) {
+  const RopeArgs& a = n.rope;
   const int64_t rows = a.batches * a.heads * a.tokens;
   if (rows <= 0) return cudaSuccess;
   // Enough blocks to fill the card several times over; the kernel loops over the remaining rows.
@@ -108,10 +110,10 @@ cudaError_t launch_typed(const RmsNormRopeArgs& a, cudaStream_t stream) {
   const int64_t pairs_per_lane = (a.head_dim / 2 + 31) / 32;
   const dim3 grid(static_cast<unsigned>(blocks));
   switch (pairs_per_lane) {
-    case 1: rms_norm_rope_jvp_kernel<T, 1><<<grid, kWarps * 32, 0, stream>>>(a); break;
-    case 2: rms_norm_rope_jvp_kernel<T, 2><<<grid, kWarps * 32, 0, stream>>>(a); break;
-    case 3: rms_norm_rope_jvp_kernel<T, 3><<<grid, kWarps * 32, 0, stream>>>(a); break;
-    case 4: rms_norm_rope_jvp_kernel<T, 4><<<grid, kWarps * 32, 0, stream>>>(a); break;
+    case 1: rms_norm_rope_jvp_kernel<T, 1><<<grid, kWarps * 32, 0, stream>>>(n); break;
+    case 2: rms_norm_rope_jvp_kernel<T, 2><<<grid, kWarps * 32, 0, stream>>>(n); break;
+    case 3: rms_norm_rope_jvp_kernel<T, 3><<<grid, kWarps * 32, 0, stream>>>(n); break;
+    case 4: rms_norm_rope_jvp_kernel<T, 4><<<grid, kWarps * 32, 0, stream>>>(n); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
@@ -120,10 +122,9 @@ cudaError_t launch_typed(const RmsNormRopeArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_rms_norm_rope_jvp(const RmsNormRopeArgs& args, cudaStream_t stream) {
-  if (args.head_dim < 2 || args.head_dim % 2 != 0 || args.head_dim > kRmsNormRopeMaxHeadDim) {
-    return cudaErrorInvalidValue;
-  }
-  switch (args.dtype) {
+  const int64_t head_dim = args.rope.head_dim;
+  if (head_dim < 2 || head_dim % 2 != 0 || head_dim > kRmsNormRopeMaxHeadDim) return cudaErrorInvalidValue;
+  switch (args.rope.dtype) {
     case DType::kFloat32: return launch_typed<float>(args, stream);
     case DType::kFloat16: return launch_typed<__half>(args, stream);
     case DType::kBFloat16: return launch_typed<__nv_bfloat16>(args, stream);

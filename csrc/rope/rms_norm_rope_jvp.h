@@ -13,29 +13,16 @@
 
 #include <cuda_runtime.h>
 
-#include "../common/operand4.h"
-#include "../pointwise/pointwise_jvp.h"
+#include "rope_jvp.h"
 
 namespace facm_ext::rope {
 
-using pointwise::DType;
-
 struct RmsNormRopeArgs {
-  int64_t batches = 0, heads = 0, tokens = 0, head_dim = 0;
-  DType dtype = DType::kFloat32;  // x, tx, out, tout
-  Operand4 x, tx;
-  void* out = nullptr;
-  void* tout = nullptr;
-  int64_t out_stride_b = 0, out_stride_h = 0, out_stride_l = 0;
+  RopeArgs rope;          // x, tx, outputs, tables and pair convention, as for rope_jvp
   float* rstd = nullptr;  // [rows] fp32 at (b, h, l) strides below, or nullptr
   int64_t rstd_stride_b = 0, rstd_stride_h = 0, rstd_stride_l = 0;
   const float* weight = nullptr;  // [D] fp32 contiguous, or nullptr
   float eps = 1e-6f;
-  const float* cos = nullptr;
-  const float* sin = nullptr;
-  int64_t table_row_stride = 0;
-  bool per_pair = false;    // tables [L, D/2] instead of [L, D]
-  bool interleaved = true;  // pairs (2i, 2i+1); else (j, j + D/2)
 };
 
 // Largest head_dim the kernel takes (pairs held in registers, one warp per row).
