@@ -1,6 +1,7 @@
 // Fused RMSNorm + RoPE JVP (see rms_norm_rope_jvp.h for the math). One warp per row: lane j holds the pairs
 // j, j + 32, ... of its row in registers (kPairs per lane, D <= 256), so the row is read once, reduced with warp
-// shuffles, normalized, scaled and rotated, and written once, primal and tangent together. Pairs are the two
+// shuffles, normalized, scaled and rotated, and written once, primal and tangent together. Interleaved pairs are
+// read and written as one vector each where aligned (a warp's stores then cover whole contiguous sectors). Pairs are the two
 // channels a rotation mixes: (2p, 2p + 1) interleaved or (p, p + D/2) half-split. Rows are visited heads-fastest
 // ((b, l, h) order), so the warps of a block share one position's table row.
 #include "rms_norm_rope_jvp.h"
@@ -18,13 +19,46 @@ using vec_io::to_f32;
 constexpr int kWarps = 8;
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// The two members of an interleaved pair (channels 2p, 2p + 1) as one 4-byte (16-bit T) or 8-byte (fp32) access.
+template <typename T>
+struct alignas(2 * sizeof(T)) PairVec {
+  T v[2];
+};
+
+template <bool kPairVec, typename T>
+__device__ __forceinline__ void load_pair(const T* row, int64_t c0, int64_t second, float& first, float& other) {
+  if constexpr (kPairVec) {
+    const PairVec<T> pv = *reinterpret_cast<const PairVec<T>*>(row + c0);
+    first = to_f32(pv.v[0]);
+    other = to_f32(pv.v[1]);
+  } else {
+    first = to_f32(row[c0]);
+    other = to_f32(row[c0 + second]);
+  }
+}
+
+template <bool kPairVec, typename T>
+__device__ __forceinline__ void store_pair(T* row, int64_t c0, int64_t second, float first, float other) {
+  if constexpr (kPairVec) {
+    PairVec<T> pv;
+    pv.v[0] = from_f32<T>(first);
+    pv.v[1] = from_f32<T>(other);
+    *reinterpret_cast<PairVec<T>*>(row + c0) = pv;
+  } else {
+    row[c0] = from_f32<T>(first);
+    row[c0 + second] = from_f32<T>(other);
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
   return v;
 }
 
-template <typename T, int kPairs>
+// kPairVec: interleaved pairs read and written as one vector each (the host checks the alignment); else element by
+// element, which also serves half-split pairs (each member's accesses are contiguous across the warp there).
+template <typename T, int kPairs, bool kPairVec>
 __global__ void __launch_bounds__(kWarps * 32) rms_norm_rope_jvp_kernel(RmsNormRopeArgs n) {
   const RopeArgs& a = n.rope;
   const int lane = threadIdx.x & 31;
@@ -55,12 +89,8 @@ __global__ void __launch_bounds__(kWarps * 32) rms_norm_rope_jvp_kernel(RmsNormR
       x0[i] = x1[i] = t0[i] = t1[i] = 0.0f;
       if (p < pairs) {
         const int64_t c0 = a.interleaved ? 2 * p : p;
-        x0[i] = to_f32(x_row[c0]);
-        x1[i] = to_f32(x_row[c0 + second]);
-        if (has_tangent) {
-          t0[i] = to_f32(tx_row[c0]);
-          t1[i] = to_f32(tx_row[c0 + second]);
-        }
+        load_pair<kPairVec>(x_row, c0, second, x0[i], x1[i]);
+        if (has_tangent) load_pair<kPairVec>(tx_row, c0, second, t0[i], t1[i]);
       }
       sum_xx += x0[i] * x0[i] + x1[i] * x1[i];
       sum_xt += x0[i] * t0[i] + x1[i] * t1[i];
@@ -91,12 +121,26 @@ __global__ void __launch_bounds__(kWarps * 32) rms_norm_rope_jvp_kernel(RmsNormR
       const float w0 = n.weight != nullptr ? __ldg(n.weight + c0) : 1.0f;
       const float w1 = n.weight != nullptr ? __ldg(n.weight + c1) : 1.0f;
       const float a0 = x0[i] * r * w0, a1 = x1[i] * r * w1;
-      o_row[c0] = from_f32<T>(a0 * cos0 - a1 * sin0);
-      o_row[c1] = from_f32<T>(a1 * cos1 + a0 * sin1);
+      store_pair<kPairVec>(o_row, c0, second, a0 * cos0 - a1 * sin0, a1 * cos1 + a0 * sin1);
       const float ta0 = (t0[i] * r + x0[i] * dr) * w0, ta1 = (t1[i] * r + x1[i] * dr) * w1;
-      to_row[c0] = from_f32<T>(ta0 * cos0 - ta1 * sin0);
-      to_row[c1] = from_f32<T>(ta1 * cos1 + ta0 * sin1);
+      store_pair<kPairVec>(to_row, c0, second, ta0 * cos0 - ta1 * sin0, ta1 * cos1 + ta0 * sin1);
     }
+  }
+}
+
+// Whether an operand's pairs (2p, 2p + 1) start on PairVec boundaries: pointer and every stride aligned.
+bool pair_aligned(const void* ptr, int64_t stride_b, int64_t stride_h, int64_t stride_l, int elem_bytes) {
+  return ptr == nullptr || (reinterpret_cast<uintptr_t>(ptr) % (2 * elem_bytes) == 0 && stride_b % 2 == 0 &&
+                            stride_h % 2 == 0 && stride_l % 2 == 0);
+}
+
+template <typename T, bool kPairVec>
+void launch_pairs(const RmsNormRopeArgs& n, dim3 grid, int64_t pairs_per_lane, cudaStream_t stream) {
+  switch (pairs_per_lane) {
+    case 1: rms_norm_rope_jvp_kernel<T, 1, kPairVec><<<grid, kWarps * 32, 0, stream>>>(n); break;
+    case 2: rms_norm_rope_jvp_kernel<T, 2, kPairVec><<<grid, kWarps * 32, 0, stream>>>(n); break;
+    case 3: rms_norm_rope_jvp_kernel<T, 3, kPairVec><<<grid, kWarps * 32, 0, stream>>>(n); break;
+    default: rms_norm_rope_jvp_kernel<T, 4, kPairVec><<<grid, kWarps * 32, 0, stream>>>(n); break;
   }
 }
 
@@ -108,13 +152,18 @@ cudaError_t launch_typed(const RmsNormRopeArgs& n, cudaStream_t stream) {
   // Enough blocks to fill the card several times over; the kernel loops over the remaining rows.
   const int64_t blocks = std::min<int64_t>((rows + kWarps - 1) / kWarps, int64_t{1} << 20);
   const int64_t pairs_per_lane = (a.head_dim / 2 + 31) / 32;
+  if (pairs_per_lane < 1 || pairs_per_lane > 4) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(blocks));
-  switch (pairs_per_lane) {
-    case 1: rms_norm_rope_jvp_kernel<T, 1><<<grid, kWarps * 32, 0, stream>>>(n); break;
-    case 2: rms_norm_rope_jvp_kernel<T, 2><<<grid, kWarps * 32, 0, stream>>>(n); break;
-    case 3: rms_norm_rope_jvp_kernel<T, 3><<<grid, kWarps * 32, 0, stream>>>(n); break;
-    case 4: rms_norm_rope_jvp_kernel<T, 4><<<grid, kWarps * 32, 0, stream>>>(n); break;
-    default: return cudaErrorInvalidValue;
+  constexpr int kBytes = static_cast<int>(sizeof(T));
+  const bool pair_vectors = a.interleaved &&
+                            pair_aligned(a.x.ptr, a.x.stride_b, a.x.stride_h, a.x.stride_l, kBytes) &&
+                            pair_aligned(a.tx.ptr, a.tx.stride_b, a.tx.stride_h, a.tx.stride_l, kBytes) &&
+                            pair_aligned(a.out, a.out_stride_b, a.out_stride_h, a.out_stride_l, kBytes) &&
+                            pair_aligned(a.tout, a.out_stride_b, a.out_stride_h, a.out_stride_l, kBytes);
+  if (pair_vectors) {
+    launch_pairs<T, true>(n, grid, pairs_per_lane, stream);
+  } else {
+    launch_pairs<T, false>(n, grid, pairs_per_lane, stream);
   }
   return cudaGetLastError();
 }
