@@ -522,13 +522,12 @@ def _norm_rope_pairs(module: nn.Module, q, k, rope):
     if None in norms or tables is None or q_p.dtype != k_p.dtype:
         return None
     cos, sin = tables
-    dtype = q_p.dtype
+    dtype, device_type = q_p.dtype, q_p.device.type
     for weight, _, policy in norms:
         out = dtype if weight is None or policy == "input" else (
             weight.dtype if policy == "weight" else torch.promote_types(dtype, weight.dtype))
         if rope_rule.promotes:
             out = torch.promote_types(out, cos.dtype)
-        device_type = q_p.device.type
         if torch.is_autocast_enabled(device_type) and out in (torch.float16, torch.bfloat16, torch.float32):
             out = torch.get_autocast_dtype(device_type)
         if out != dtype:
