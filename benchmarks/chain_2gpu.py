@@ -95,8 +95,8 @@ def lightningdit_spec(args):
         # Parameters compute in bf16 (FSDP's param_dtype); the RoPE tables would otherwise promote q and k to fp32.
         model.feat_rope.to(COMPUTE_DTYPE)
 
-    return dict(name="LightningDiT (smoke)" if args.smoke else "LightningDiT-XL/1", build=build, inputs=inputs, call=call, block_inputs=block_inputs,
-                after_init=after_init, block_cast_forward_inputs=True, layers=3 if args.smoke else 28,
+    return dict(name="LightningDiT (smoke)" if args.smoke else "LightningDiT-XL/1", build=build, inputs=inputs,
+                call=call, block_inputs=block_inputs, after_init=after_init, block_cast_forward_inputs=True, layers=3 if args.smoke else 28,
                 baseline_layers=None)
 
 

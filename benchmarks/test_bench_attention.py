@@ -1,6 +1,6 @@
-"""attention_jvp (one-pass flash JVP: the CUDA C++ kernel and the Triton kernel where both apply) against SDPA forward (best backend), and the math-path JVP
-(torch.func.jvp of the reference attention) eager and compiled, bf16, in the same run. Also the backward of the
-primal output against SDPA's backward.
+"""attention_jvp (one-pass flash JVP: the CUDA C++ kernel and the Triton kernel where both apply) against SDPA
+forward (best backend), and the math-path JVP (torch.func.jvp of the reference attention) eager and compiled, bf16,
+in the same run. Also the backward of the primal output against SDPA's backward.
 
 Throughput of every JVP row counts 12 N M d FLOPs per batch and head (N = Lq, M = Lk), the work of the full JVP
 (primal 4 N M d + tangent 8 N M d), also for the cross-attention case where only tq is given (actual work 8 N M d).
@@ -43,7 +43,8 @@ def _make(batch, heads, len_q, len_k, head_dim, tangents, *, requires_grad=False
     def rand(*shape):
         return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)
 
-    q, k, v = rand(batch, heads, len_q, head_dim), rand(batch, heads, len_k, head_dim), rand(batch, heads, len_k, head_dim)
+    q = rand(batch, heads, len_q, head_dim)
+    k, v = rand(batch, heads, len_k, head_dim), rand(batch, heads, len_k, head_dim)
     tq, tk, tv = (rand(*x.shape) if use else None for x, use in zip((q, k, v), tangents))
     if requires_grad:
         q, k, v = (x.requires_grad_() for x in (q, k, v))

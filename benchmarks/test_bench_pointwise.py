@@ -62,8 +62,8 @@ def _case_swiglu(batch, tokens, width):
     a, b = h.chunk(2, dim=-1)
     ta, tb = th.chunk(2, dim=-1)
     moved = _bytes(h, th) + 2 * _bytes(a)
-    return (functools.partial(swiglu_jvp, a, ta, b, tb), functools.partial(torch.func.jvp, ref.swiglu, (a, b), (ta, tb)),
-            moved, (ref.swiglu, (a, b), (ta, tb)))
+    return (functools.partial(swiglu_jvp, a, ta, b, tb),
+            functools.partial(torch.func.jvp, ref.swiglu, (a, b), (ta, tb)), moved, (ref.swiglu, (a, b), (ta, tb)))
 
 
 CASES = {

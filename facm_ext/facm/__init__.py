@@ -17,5 +17,6 @@ from facm_ext.facm.objective import (ConditionedModel, GraphedStudentJVP, adapti
 from facm_ext.facm.sampling import sample, sample_flow
 from facm_ext.facm.two_time import TwoTimeModel
 
-__all__ = ["ConditionedModel", "GraphedStudentJVP", "TwoTimeModel", "adaptive_l2", "drop_labels", "facm_loss", "flow_matching_loss", "meanflow_loss", "sample", "sample_flow",
-           "sample_t", "stage1_loss", "teacher_velocity", "torch_func_jvp"]
+__all__ = ["ConditionedModel", "GraphedStudentJVP", "TwoTimeModel", "adaptive_l2", "drop_labels", "facm_loss",
+           "flow_matching_loss", "meanflow_loss", "sample", "sample_flow", "sample_t", "stage1_loss",
+           "teacher_velocity", "torch_func_jvp"]

@@ -183,7 +183,8 @@ def drop_labels(y: torch.Tensor, *, prob: float, null_class: int,
 def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample FM loss ``mean_{C,H,W}(pred - target)^2 + mean_{H,W}(1 - cos_C(pred, target))``, shape ``[B]``.
 
-    pred, target: ``[B, C, H, W]``; the cosine similarity is along channels only (dim 1, eps 1e-8 as F.cosine_similarity).
+    pred, target: ``[B, C, H, W]``; the cosine similarity is along channels only (dim 1, eps 1e-8 as
+    F.cosine_similarity).
     """
     dims = tuple(range(1, pred.dim()))
     mse = ((pred - target) ** 2).mean(dim=dims)
