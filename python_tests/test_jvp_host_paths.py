@@ -576,6 +576,20 @@ def _spy_block_ops(monkeypatch) -> list:
     return calls
 
 
+def _tiny_lightningdit(depth: int = 2):
+    """A seeded fp32 LightningDiT of ``depth`` blocks (width 32, 2 heads, 2x2 latents, 3 classes) with every
+    parameter random (no zero-initialized branch), and labels for a batch of 2."""
+    from facm_ext.models.lightningdit import LightningDiT
+
+    torch.manual_seed(0)
+    model = LightningDiT(input_size=2, patch_size=1, in_channels=4, hidden_size=32, depth=depth, num_heads=2,
+                         num_classes=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model, torch.tensor([0, 2])
+
+
 def _adaln_out_dtypes(calls: list) -> list:
     return [kwargs.get("out_dtype") for name, _, kwargs in calls if name == "adaln_jvp"]
 
@@ -585,14 +599,8 @@ def test_adaln_block_widens_16bit_modulation_once_for_an_fp32_residual_stream(mo
     rule casts that [B, 6C] output (and its tangent) to fp32 once, so the norm op gets fp32 modulation instead of
     casting its four chunks itself; the values are the same as with the 16-bit chunks."""
     from facm_ext.jvp import _blocks
-    from facm_ext.models.lightningdit import LightningDiT
 
-    torch.manual_seed(0)
-    model = LightningDiT(input_size=2, patch_size=1, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    y = torch.tensor([0, 2])
+    model, y = _tiny_lightningdit()
     x, t = torch.randn(2, 4, 2, 2), torch.rand(2)
     tangents = (torch.randn(2, 4, 2, 2), torch.ones(2))
     calls = _spy_block_ops(monkeypatch)
@@ -627,14 +635,8 @@ def test_adaln_block_norms_write_the_dtype_their_linear_casts_to(monkeypatch, gr
     the MLP's first Linear, both of which cast it to bf16, so adaln_jvp writes bf16 directly (from the second call,
     once the attention module is verified). Outputs, tangents and gradients are those of the fp32 path."""
     from facm_ext.jvp import _blocks
-    from facm_ext.models.lightningdit import LightningDiT
 
-    torch.manual_seed(0)
-    model = LightningDiT(input_size=2, patch_size=1, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    y = torch.tensor([0, 2])
+    model, y = _tiny_lightningdit()
     x, t = torch.randn(2, 4, 2, 2, requires_grad=grad), torch.rand(2)
     tangents = (torch.randn(2, 4, 2, 2), torch.ones(2))
     calls = _spy_block_ops(monkeypatch)
@@ -667,10 +669,9 @@ def test_adaln_block_norms_write_the_dtype_their_linear_casts_to(monkeypatch, gr
 def test_adaln_block_norm_output_stays_fp32_where_the_consumer_is_not_known(monkeypatch):
     """A registered rule for the MLP's type may use its input in any way: norm2 keeps its fp32 output."""
     from facm_ext.jvp import register_jvp_rule
-    from facm_ext.models.lightningdit import LightningDiT, SwiGLUFFN
+    from facm_ext.models.lightningdit import SwiGLUFFN
 
-    model = LightningDiT(input_size=2, patch_size=1, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=3)
-    y = torch.tensor([0, 2])
+    model, y = _tiny_lightningdit(depth=1)
     calls = _spy_block_ops(monkeypatch)
     register_jvp_rule(SwiGLUFFN, lambda module, args, kwargs: module.forward(*args, **kwargs))
     try:
