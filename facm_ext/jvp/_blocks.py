@@ -183,9 +183,7 @@ def _autocast_input_dtype(module: nn.Module, x_dtype: torch.dtype, device_type: 
     if x_dtype != torch.float32 or not torch.is_autocast_enabled(device_type):
         return None
     dtype = torch.get_autocast_dtype(device_type)
-    handlers = _modules._HANDLERS
-    if dtype not in (torch.float16, torch.bfloat16) or (handlers and any(p(module) for p, _ in handlers)) \
-            or _modules._user_rule(type(module)) is not None or _modules._has_hooks(module):
+    if dtype not in (torch.float16, torch.bfloat16) or not _own_rule_applies(module, check_hooks=True):
         return None
     check = getattr(_modules._pattern_for(module), "input_only_to_a_linear", None)
     return dtype if check is not None and check(module) else None
@@ -484,18 +482,12 @@ def _attention_forward(module: nn.Module, x, rope):
 
 def _rms_norm_of(norm: nn.Module, width: int):
     """(weight or None, eps, output-dtype policy) of a norm that is an RMSNorm over its input's last dim (``width``
-    wide): nn.RMSNorm with a float eps, or an RMSNorm-like module the transform verified; else None."""
-    rms_norm_type = getattr(nn, "RMSNorm", None)
-    if rms_norm_type is not None and type(norm) is rms_norm_type:
-        if tuple(norm.normalized_shape) != (width,) or not isinstance(norm.eps, float):
-            return None
-        return norm.weight, norm.eps, "promote"
-    spec = getattr(_modules._pattern_for(norm), "norm_spec", None)
-    weight = getattr(norm, "weight", None)
-    if spec is None or not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (width,):
+    wide): nn.RMSNorm or an RMSNorm-like module the transform verified (see :func:`_norm_spec`); else None."""
+    spec = _norm_spec(norm, width)
+    if spec is None or spec[0] != "rms":
         return None
-    eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
-    return (weight, float(eps), spec[1]) if isinstance(eps, float) else None
+    _, has_weight, eps, policy = spec
+    return (norm.weight if has_weight else None), eps, policy
 
 
 def _norm_rope_pairs(module: nn.Module, q, k, rope):
@@ -511,9 +503,8 @@ def _norm_rope_pairs(module: nn.Module, q, k, rope):
     if (q_t is None and k_t is None) or not isinstance(rope, nn.Module):
         return None
     modules = (module.q_norm, module.k_norm, rope)
-    handlers = _modules._HANDLERS
-    if (handlers and any(predicate(m) for m in modules for predicate, _ in handlers)) or any(
-            _modules._user_rule(type(m)) is not None for m in modules) or _modules._has_hooks(rope):
+    if not (_own_rule_applies(module.q_norm, check_hooks=False) and _own_rule_applies(module.k_norm, check_hooks=False)
+            and _own_rule_applies(rope, check_hooks=True)):
         return None
     head_dim = q_p.shape[-1]
     norms = _rms_norm_of(module.q_norm, head_dim), _rms_norm_of(module.k_norm, head_dim)
@@ -582,15 +573,22 @@ def _value_of(pair):
     return primal if tangent is None else wrap_op_result(primal, tangent)
 
 
+def _own_rule_applies(module: nn.Module, check_hooks: bool) -> bool:
+    """Whether the per-op path sends a call of ``module`` to the transform's own rule for it: no module-call handler
+    claims it and no registered rule covers its type (and, with check_hooks, it has no hooks; callers inside a
+    pattern module's subtree rely on the pattern's own hook check)."""
+    handlers = _modules._HANDLERS
+    if handlers and any(predicate(module) for predicate, _ in handlers):
+        return False
+    return _modules._user_rule(type(module)) is None and not (check_hooks and _modules._has_hooks(module))
+
+
 def _module_pair(module, pair, *extra, check_hooks: bool = False):
     """``module(value, *extra)`` as a pair, ``pair`` standing for the value (``extra``: plain arguments): through
     the module's rule on the pair where the per-op path would send the call to that rule, else the module called
     on the value (the per-op path itself). check_hooks: the module is not in the subtree whose hooks the caller
     checked."""
-    handlers = _modules._HANDLERS
-    if isinstance(module, nn.Module) and not (
-            (handlers and any(predicate(module) for predicate, _ in handlers))
-            or _modules._user_rule(type(module)) is not None or (check_hooks and _modules._has_hooks(module))):
+    if isinstance(module, nn.Module) and _own_rule_applies(module, check_hooks):
         if type(module) is nn.Identity and not extra:
             return pair
         if type(module) is nn.Linear:
