@@ -1,5 +1,6 @@
 """LightningDiT-XL/1 whole-model rows of issue 4 in one process, per batch size: plain forward, plain forward +
-backward, ``facm_ext.jvp`` (no grad; with grad + backward), ``facm_ext.jvp.graph`` (both), and the compiled
+backward, ``facm_ext.jvp`` (no grad, also with every block on the per-op path and with every block native; with
+grad + backward), ``facm_ext.jvp.graph`` (both), and the compiled
 ``torch.func.jvp`` (math SDPA, no grad) last, since compiling it takes minutes. The rows are those of
 ``test_bench_jvp_models.py`` (same model, inputs, measurement and FLOP counts), without pytest's ordering, so a
 run under a time limit reaches the compiled baseline of the first batch size.
@@ -29,6 +30,7 @@ def run_batch(model, batch: int, *, compiled_baseline: bool, started: float) -> 
     fb_ms, fb_peak = models_bench._measure(case, "plain forward + backward", steps.plain_forward_backward,
                                            flops=3 * steps.fwd_flops)
     models_bench._measure(case, "facm_ext.jvp, no grad", steps.ours_no_grad, flops=steps.jvp_flops)
+    models_bench.measure_native_block_variants(case, steps)
     gb_ms, gb_peak = models_bench._measure(case, "facm_ext.jvp with grad + backward", steps.ours_grad_backward,
                                            flops=steps.jvp_flops + 2 * steps.fwd_flops)
     _harness.RESULTS[-1]["note"] = f"{gb_ms / fb_ms:.2f}x time, {gb_peak / fb_peak:.2f}x peak of plain fwd+bwd"

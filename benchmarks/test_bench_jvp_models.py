@@ -20,8 +20,10 @@ cross-attention tangent); backward = 2x forward.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -38,6 +40,20 @@ GROUP = "jvp_models"
 LIGHTNINGDIT_BATCHES = (16, 64)
 WAN_GRID = (21, 30, 52)  # latent 21x60x104 with patch (1, 2, 2): 32,760 tokens
 WAN_DIM, WAN_FFN, WAN_HEADS, WAN_TEXT = 5120, 13824, 40, 512
+
+
+@contextlib.contextmanager
+def native_blocks(mode: str):
+    """FACM_EXT_NATIVE_BLOCKS=mode for the calls inside (facm_ext.jvp reads it once per call)."""
+    before = os.environ.get("FACM_EXT_NATIVE_BLOCKS")
+    os.environ["FACM_EXT_NATIVE_BLOCKS"] = mode
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["FACM_EXT_NATIVE_BLOCKS"]
+        else:
+            os.environ["FACM_EXT_NATIVE_BLOCKS"] = before
 
 
 def _autocast():
@@ -203,6 +219,14 @@ def lightningdit_steps(model, batch: int) -> SimpleNamespace:
         with torch.no_grad(), _autocast():
             facm_ext.jvp(func, (x, t), (v, one))
 
+    def ours_no_grad_per_op():
+        with native_blocks("0"), torch.no_grad(), _autocast():
+            facm_ext.jvp(func, (x, t), (v, one))
+
+    def ours_no_grad_native():
+        with native_blocks("1"), torch.no_grad(), _autocast():
+            facm_ext.jvp(func, (x, t), (v, one))
+
     def ours_grad_backward():
         with _autocast():
             out, tangent = facm_ext.jvp(func, (x, t), (v, one))
@@ -235,9 +259,19 @@ def lightningdit_steps(model, batch: int) -> SimpleNamespace:
         case=f"LightningDiT-XL/1 B={batch} L=256 bf16-autocast", func=func, primals=(x, t), tangents=(v, one),
         fwd_flops=fwd_flops, jvp_flops=jvp_flops, plain_forward=plain_forward,
         plain_forward_backward=plain_forward_backward, ours_no_grad=ours_no_grad,
+        ours_no_grad_per_op=ours_no_grad_per_op, ours_no_grad_native=ours_no_grad_native,
         ours_grad_backward=ours_grad_backward, torch_func_no_grad=torch_func_no_grad,
         torch_func_grad_backward=torch_func_grad_backward, compiled_no_grad=compiled_no_grad,
         compiled_grad_backward=compiled_grad_backward)
+
+
+def measure_native_block_variants(case: str, steps: SimpleNamespace) -> None:
+    """The no-grad JVP with every block on the per-op path and with every block as the native C++ op, beside the
+    default (auto: native up to facm_ext.jvp._blocks.NATIVE_BLOCK_MAX_ROWS rows)."""
+    _measure(case, "facm_ext.jvp, no grad, per-op path (FACM_EXT_NATIVE_BLOCKS=0)", steps.ours_no_grad_per_op,
+             flops=steps.jvp_flops)
+    _measure(case, "facm_ext.jvp, no grad, native blocks at any size (FACM_EXT_NATIVE_BLOCKS=1)",
+             steps.ours_no_grad_native, flops=steps.jvp_flops)
 
 
 @pytest.mark.parametrize("batch", LIGHTNINGDIT_BATCHES)
@@ -260,6 +294,7 @@ def test_bench_jvp_lightningdit_xl(benchmark, batch):
     ours_ms, _ = _measure(case, "facm_ext.jvp, no grad", ours_no_grad, flops=jvp_flops, benchmark=benchmark,
                           note="")
     ours_row = _harness.RESULTS[-1]
+    measure_native_block_variants(case, steps)
     grad_ms, grad_peak = _measure(case, "facm_ext.jvp with grad + backward", ours_grad_backward,
                                   flops=jvp_flops + 2 * fwd_flops)
     if grad_ms == grad_ms and fb_ms == fb_ms and fb_peak > 0:

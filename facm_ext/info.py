@@ -41,6 +41,22 @@ def collect() -> dict:
                 ok, why = True, "always"
             available[backend] = {"available": ok, "why": why, "when": when}
         ops[name] = {"backends": available, "notes": info.notes}
+    from facm_ext.jvp import _blocks
+
+    native_block = _extension.has_kernel(_blocks._NATIVE_BLOCK_KERNEL)
+    mode = _blocks.native_block_mode()
+    transform = {
+        "adaLN blocks (DiT, LightningDiT)": {
+            "available": native_block and mode != "0",
+            "why": ("built" if native_block else "no CUDA kernels in this build") + (
+                "; FACM_EXT_NATIVE_BLOCKS=0" if mode == "0" else ""),
+            "when": "one C++ op per block (adaln_block_jvp_cuda) without grad, on CUDA under fp16/bf16 autocast, "
+                    "head_dim 72 (the CUDA attention kernel's default), "
+                    + (f"up to {_blocks.NATIVE_BLOCK_MAX_ROWS} rows B x L (FACM_EXT_NATIVE_BLOCKS=auto)"
+                       if mode == "auto" else "any number of rows (FACM_EXT_NATIVE_BLOCKS=1)")
+                    + "; else the per-op path",
+        },
+    }
     return {
         "facm_ext": __version__,
         "python": sys.version.split()[0],
@@ -51,6 +67,7 @@ def collect() -> dict:
         "cuda_devices": cuda_devices,
         "extension": build,
         "ops": ops,
+        "transform": transform,
     }
 
 
@@ -76,6 +93,11 @@ def format_report(report: dict) -> str:
             lines.append(f"{name if i == 0 else '':<{width}}  {backend:<10}  {mark:<9}  {b['when']}")
         if op["notes"]:
             lines.append(f"{'':<{width}}  note: {op['notes']}")
+    lines.append("")
+    lines.append("facm_ext.jvp paths")
+    for name, path in report.get("transform", {}).items():
+        mark = "yes" if path["available"] else f"no: {path['why']}"
+        lines.append(f"  {name}: native {mark}; {path['when']}")
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "common/kernel_ops.h"
 #include "attention_jvp.h"
 #include "common/format.h"
 
@@ -40,6 +41,8 @@ void check_operand(const char* name, const at::Tensor& t, const at::Tensor& q, i
   TORCH_CHECK(t.scalar_type() == q.scalar_type() && t.device() == q.device(), kOp, ": ", name,
               " must have q's dtype and device");
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_jvp_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& tq,
@@ -100,7 +103,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_jvp_cuda(
   return {o, to, lse};
 }
 
-}  // namespace
 }  // namespace facm_ext::attention
 
 TORCH_LIBRARY_FRAGMENT(facm_ext, m) {

@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "common/kernel_ops.h"
 #include "norm_jvp.h"
 #include "common/format.h"
 
@@ -56,6 +57,8 @@ const float* channel_vector(const std::optional<at::Tensor>& t, const char* name
   TORCH_CHECK(t->is_contiguous(), what, ", got a non-contiguous tensor");
   return t->data_ptr<float>();
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_modulate_jvp_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& tx, const std::optional<at::Tensor>& weight,
@@ -150,7 +153,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_modulate_jvp_cud
   return {y, ty, mean, rstd};
 }
 
-}  // namespace
 }  // namespace facm_ext::norms
 
 TORCH_LIBRARY_FRAGMENT(facm_ext, m) {

@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "common/kernel_ops.h"
 #include "pointwise_jvp.h"
 #include "common/format.h"
 
@@ -100,6 +101,8 @@ Operand optional_operand(const std::optional<at::Tensor>& t, at::IntArrayRef siz
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(err));
 }
+
+}  // namespace
 
 TensorPair gelu_jvp_cuda(const at::Tensor& x, const std::optional<at::Tensor>& tx, c10::string_view approximate) {
   constexpr const char* kOp = "gelu_jvp_cuda";
@@ -203,7 +206,6 @@ TensorPair gated_residual_jvp_cuda(const at::Tensor& x, const std::optional<at::
   return {out, tout};
 }
 
-}  // namespace
 }  // namespace facm_ext::pointwise
 
 TORCH_LIBRARY_FRAGMENT(facm_ext, m) {

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "common/kernel_ops.h"
 #include "rms_norm_rope_jvp.h"
 #include "rope_bindings_common.h"
 
@@ -18,6 +19,8 @@ namespace facm_ext::rope {
 namespace {
 
 constexpr const char* kOp = "rms_norm_rope_jvp_cuda";
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_rope_jvp_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& tx, const std::optional<at::Tensor>& weight, double eps,
@@ -52,7 +55,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_rope_jvp_cuda(
   return {out, tout, rstd};
 }
 
-}  // namespace
 }  // namespace facm_ext::rope
 
 TORCH_LIBRARY_FRAGMENT(facm_ext, m) {

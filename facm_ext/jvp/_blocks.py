@@ -19,6 +19,10 @@ for Wan blocks, a window of the first tokens), with
 autocast off: both primal and tangent must agree to 1e-3 (fp32) or 1e-9 (fp64) relative. Blocks whose
 parameters are not fp32/fp64 cannot be verified that precisely and are never fused this way (their ops still are,
 one by one). A failed check is recorded in the report and the block keeps its own forward.
+
+Without grad, on CUDA under autocast, a verified adaLN block runs as one C++ op, ``adaln_block_jvp_cuda``, which
+issues the same kernels from C++ (see :func:`_native_block_call`): the per-op path's ~37 launches from Python per
+block are what bound the eager JVP at small batches.
 """
 
 from __future__ import annotations
@@ -30,12 +34,18 @@ from typing import Optional
 import torch
 from torch import nn
 
+from facm_ext import _env, _extension
+from facm_ext.ops import _common
+from facm_ext.ops import attention as _attention_ops
+from facm_ext.ops import rms_norm_rope as _rms_norm_rope_ops
+
 from ._dual import (
     STATE,
     DisableTorchFunctionSubclass,
     DualTensor,
     make_dual,
     record_fallback,
+    record_fused,
     split_dual,
     wrap_op_result,
 )
@@ -98,6 +108,9 @@ def adaln_block_rule(module: nn.Module):
         if not _verified_once(verdict, mod, "adaLN block", lambda: tuple(_first_sample(a, batch) for a in args),
                               lambda block, a: _fused_forward(block, a, norms)):
             return NotImplemented
+        native = _native_block_call(mod, args, norms)
+        if native is not None:
+            return native
         return _fused_forward(mod, args, norms)
 
     return block_rule
@@ -206,6 +219,156 @@ def _fused_forward(block: nn.Module, args: tuple, norms):
                                        *extra))
     x = _gated(x, gate_mlp, block.mlp(_adaln(x, shift_mlp, scale_mlp, norms[1], block.norm2, cast_to=mlp_dtype)))
     return x
+
+
+# ------------------------------------------------------------------------------------ adaLN blocks from C++
+_NATIVE_BLOCK_KERNEL = "adaln_block_jvp_cuda"
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+_PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
+
+
+# Above this many rows (B x L), "auto" keeps a block on the per-op path: there the GPU time decides, and the per-op
+# path's MLP (mlp_jvp, the activation in the up-projection GEMM's epilogue) saves the activation's round trip
+# through memory that the native op's cuBLAS GEMMs + activation kernel make. LightningDiT-XL/1, no grad, H100:
+# 16,384 rows (B=64) took 84.4 ms of GPU time natively against 79.0 ms per-op (88 against 86.5 ms wall); 4,096 rows
+# (B=16) 26.7 ms wall natively against 57.5 ms per-op, whose ~1,000 launches from Python outlast the GPU work.
+NATIVE_BLOCK_MAX_ROWS = 12288
+
+
+@_env.per_snapshot
+def native_block_mode() -> str:
+    """FACM_EXT_NATIVE_BLOCKS: "auto" (default: the native op up to NATIVE_BLOCK_MAX_ROWS rows), "1" (wherever it
+    applies, any size) or "0" (never: the per-op path, for A/B runs and debugging)."""
+    value = _env.get("FACM_EXT_NATIVE_BLOCKS", "auto").strip().lower() or "auto"
+    if value not in ("auto", "0", "1"):
+        raise ValueError(f"FACM_EXT_NATIVE_BLOCKS: expected auto, 0 or 1, got {value!r}")
+    return value
+
+
+def _plain_module(module: nn.Module) -> bool:
+    """Called as its class defines it: no forward replaced on the instance, not compiled in place."""
+    return "forward" not in module.__dict__ and module._compiled_call_impl is None
+
+
+def _native_block_call(block: nn.Module, args: tuple, norms):
+    """The block's output as a dual from one ``adaln_block_jvp_cuda`` call (csrc/blocks/adaln_block_jvp.cpp), or
+    None where the per-op path must run.
+
+    That op issues from C++ the kernels the per-op path issues from Python for this block (same kernel ops, GEMMs,
+    casts and order), except the MLP, which it runs as cuBLAS up + activation kernel + cuBLAS down instead of
+    mlp_jvp's Triton GEMM with the activation in its epilogue. It applies only where the per-op path would run
+    those kernels and nothing else:
+    - no gradient: grad mode off, or no input, tangent or parameter requires grad (the op records no graph);
+    - plain eager execution: not compiling, no dispatch mode or functorch transform, no module-call handler (the
+      chain's) or registered rule for a module the per-op path would call, FACM_EXT_BACKEND unset, plain tensors;
+    - CUDA under fp16/bf16 autocast (blocks are verified, hence fused, only with fp32/fp64 parameters), an fp32
+      or autocast-dtype residual stream;
+    - the block's attention module verified in the DiT / LightningDiT form, with either no q/k norm and no RoPE,
+      or qk RMSNorm + RoPE tables that run as ``rms_norm_rope_jvp``, and a head dim whose default attention
+      kernel is the CUDA one; the MLP recognized (GELU-tanh or SwiGLU); the modulation ``Sequential(SiLU,
+      Linear)``.
+    With FACM_EXT_NATIVE_BLOCKS=auto (the default), only up to NATIVE_BLOCK_MAX_ROWS rows (B x L); =1 at any size;
+    =0 never."""
+    mode = native_block_mode()
+    if mode == "0" or len(args) > 3:
+        return None
+    x, c = args[0], args[1]
+    rope = args[2] if len(args) == 3 else None
+    x_p, x_t = split_dual(x)
+    c_p, c_t = split_dual(c)
+    if x_t is None or not x_p.is_cuda or torch.compiler.is_compiling():
+        return None
+    if mode == "auto" and x_p.shape[0] * x_p.shape[1] > NATIVE_BLOCK_MAX_ROWS:
+        return None
+    if torch._C._len_torch_dispatch_stack() > 0 or torch._C._functorch.peek_interpreter_stack() is not None:
+        return None
+    if _common._forced_backend() is not None or not _extension.has_kernel(_NATIVE_BLOCK_KERNEL):
+        return None
+    attn, mlp, modulation = block.attn, block.mlp, block.adaLN_modulation
+    if not (type(modulation) is nn.Sequential and len(modulation) == 2 and type(modulation[0]) is nn.SiLU
+            and not modulation[0].inplace and type(modulation[1]) is nn.Linear):
+        return None
+    ada, qkv, proj = modulation[1], attn.qkv, attn.proj
+    for module in (modulation, modulation[0], ada, qkv, proj):
+        if not (_plain_module(module) and _own_rule_applies(module, check_hooks=False)):
+            return None
+    if not (_own_rule_applies(attn, check_hooks=False) and _own_rule_applies(mlp, check_hooks=False)):
+        return None
+    attn_rule, mlp_rule = _modules._pattern_for(attn), _modules._pattern_for(mlp)
+    layers = getattr(mlp_rule, "layers", None)
+    verified = getattr(attn_rule, "verified", None)
+    if layers is None or verified is None or not verified(attn):
+        return None
+    fc1, fc2, activation = layers()
+    if fc1 is None or fc2 is None:
+        return None
+
+    # Blocks are verified (and fused) only with fp32/fp64 parameters, so 16-bit compute means autocast here.
+    if not torch.is_autocast_enabled("cuda"):
+        return None
+    compute = torch.get_autocast_dtype("cuda")
+    if (compute not in _SIXTEEN_BIT or x_p.dtype not in (torch.float32, compute)
+            or c_p.dtype not in (torch.float32, torch.float16, torch.bfloat16)):
+        return None
+    (kind, has_weight, eps1, policy), second = norms
+    if second[0] != kind or second[1] != has_weight or second[3] != policy:
+        return None
+    norm1_weight = block.norm1.weight if has_weight else None
+    norm2_weight = block.norm2.weight if has_weight else None
+    norm_dtype = x_p.dtype
+    if has_weight and policy == "promote":
+        norm_dtype = torch.promote_types(norm_dtype, norm1_weight.dtype)
+        if torch.promote_types(x_p.dtype, norm2_weight.dtype) != norm_dtype:
+            return None
+    attn_input = _autocast_input_dtype(attn, x_p.dtype, "cuda")
+    mlp_input = _autocast_input_dtype(mlp, x_p.dtype, "cuda")
+
+    heads, head_dim = attn.num_heads, attn.head_dim
+    if not _attention_ops.cuda_kernel_is_default(head_dim):
+        return None
+    q_norm_weight = k_norm_weight = cos = sin = None
+    q_eps = k_eps = 0.0
+    interleaved = False
+    if rope is None:
+        if type(attn.q_norm) is not nn.Identity or type(attn.k_norm) is not nn.Identity:
+            return None
+    else:
+        spec = _norm_rope_spec(attn, rope, compute, "cuda")
+        if spec is None:
+            return None
+        ((q_norm_weight, q_eps, _), (k_norm_weight, k_eps, _)), (cos, sin), rope_rule = spec
+        tokens = x_p.shape[1]
+        if (head_dim % 2 or head_dim > _rms_norm_rope_ops.MAX_KERNEL_HEAD_DIM or cos.dim() != 2
+                or cos.shape != sin.shape or cos.shape[0] != tokens or cos.shape[1] not in (head_dim, head_dim // 2)
+                or not (cos.is_cuda and sin.is_cuda)):
+            return None
+        interleaved = rope_rule.interleaved
+
+    tensors = (x_p, x_t, c_p, c_t, ada.weight, ada.bias, norm1_weight, norm2_weight, qkv.weight, qkv.bias,
+               q_norm_weight, k_norm_weight, cos, sin, proj.weight, proj.bias, fc1.weight, fc1.bias, fc2.weight,
+               fc2.bias)
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or (grad and t.requires_grad)):
+            return None
+    primal, tangent = torch.ops.facm_ext.adaln_block_jvp_cuda(
+        x_p, x_t, c_p, c_t, ada.weight, ada.bias, 1 if kind == "layer" else 2, norm1_weight, norm2_weight,
+        eps1, second[2], norm_dtype, qkv.weight, qkv.bias, heads, q_norm_weight, k_norm_weight, q_eps, k_eps, cos,
+        sin, interleaved, proj.weight, proj.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation, compute,
+        attn_input, mlp_input)
+    if STATE.report is not None:
+        record_fused(f"{type(block).__name__} (adaLN block) -> {_NATIVE_BLOCK_KERNEL}")
+    return wrap_op_result(primal, tangent)
+
+
+def _register_native_block_fake() -> None:
+    @torch.library.register_fake(f"facm_ext::{_NATIVE_BLOCK_KERNEL}")
+    def _(x, tx, c, tc, *weights_and_options):
+        return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+if _extension.has_kernel(_NATIVE_BLOCK_KERNEL):
+    _register_native_block_fake()
 
 
 def _first_sample(value, batch: int):
@@ -450,7 +613,8 @@ def attention_module_rule(module: nn.Module):
         return _attention_forward(mod, x, rope)
 
     # Once verified, the module's input only feeds its qkv Linear (see _autocast_input_dtype).
-    attention_rule.input_only_to_a_linear = lambda mod: module_ref() is mod and verdict.get("ok") is True
+    attention_rule.verified = lambda mod: module_ref() is mod and verdict.get("ok") is True
+    attention_rule.input_only_to_a_linear = attention_rule.verified
     return attention_rule
 
 
@@ -490,30 +654,28 @@ def _rms_norm_of(norm: nn.Module, width: int):
     return (norm.weight if has_weight else None), eps, policy
 
 
-def _norm_rope_pairs(module: nn.Module, q, k, rope):
-    """``rope(q_norm(q))`` and ``rope(k_norm(k))`` as pairs through one ``rms_norm_rope_jvp`` each, for q, k the
-    [B, L, H, D] (primal, tangent) slices of the qkv output; or None where the steps must run one by one.
+def _norm_rope_spec(module: nn.Module, rope, dtype: torch.dtype, device_type: str):
+    """(the two norms' (weight, eps, policy), (cos, sin), the rotary module's rule) where ``rope(q_norm(q))`` and
+    ``rope(k_norm(k))`` of an attention module may each run as one ``rms_norm_rope_jvp`` for q, k of ``dtype``;
+    else None.
 
     Fused only where the per-op path would send all three modules to their own rules (no module-call handler,
     registered rule or hook), both norms are RMSNorms over head_dim, the rotary module holds its tables, and the
     dtype the per-op path would hand to attention is q's own: the norm's and RoPE's fp32 results narrowed back by
     SDPA's autocast cast, or no cast at all. The op computes in fp32 and rounds once to q's dtype, as that cast
     does."""
-    (q_p, q_t), (k_p, k_t) = q, k
-    if (q_t is None and k_t is None) or not isinstance(rope, nn.Module):
+    if not isinstance(rope, nn.Module):
         return None
-    modules = (module.q_norm, module.k_norm, rope)
     if not (_own_rule_applies(module.q_norm, check_hooks=False) and _own_rule_applies(module.k_norm, check_hooks=False)
             and _own_rule_applies(rope, check_hooks=True)):
         return None
-    head_dim = q_p.shape[-1]
+    head_dim = module.head_dim
     norms = _rms_norm_of(module.q_norm, head_dim), _rms_norm_of(module.k_norm, head_dim)
     rope_rule = _modules._pattern_for(rope)
     tables = getattr(rope_rule, "rope_tables", lambda _: None)(rope)
-    if None in norms or tables is None or q_p.dtype != k_p.dtype:
+    if None in norms or tables is None:
         return None
-    cos, sin = tables
-    dtype, device_type = q_p.dtype, q_p.device.type
+    cos = tables[0]
     for weight, _, policy in norms:
         out = dtype if weight is None or policy == "input" else (
             weight.dtype if policy == "weight" else torch.promote_types(dtype, weight.dtype))
@@ -523,6 +685,21 @@ def _norm_rope_pairs(module: nn.Module, q, k, rope):
             out = torch.get_autocast_dtype(device_type)
         if out != dtype:
             return None
+    return norms, tables, rope_rule
+
+
+def _norm_rope_pairs(module: nn.Module, q, k, rope):
+    """``rope(q_norm(q))`` and ``rope(k_norm(k))`` as pairs through one ``rms_norm_rope_jvp`` each, for q, k the
+    [B, L, H, D] (primal, tangent) slices of the qkv output; or None where the steps must run one by one (see
+    :func:`_norm_rope_spec`)."""
+    (q_p, q_t), (k_p, k_t) = q, k
+    if (q_t is None and k_t is None) or q_p.dtype != k_p.dtype:
+        return None
+    spec = _norm_rope_spec(module, rope, q_p.dtype, q_p.device.type)
+    if spec is None:
+        return None
+    norms, (cos, sin), rope_rule = spec
+    modules = (module.q_norm, module.k_norm)
     results = []
     for (x_p, x_t), (weight, eps, _), norm in zip((q, k), norms, modules):
         what = f"{type(norm).__name__} + {type(rope).__name__} (RMSNorm + RoPE)"

@@ -396,6 +396,8 @@ def _make_mlp_rule(first: nn.Linear, second: nn.Linear, activation: str):
     # Its input only feeds the first Linear (the structure was recognized or probed), whose autocast cast makes a
     # 16-bit input of the same values equivalent: see facm_ext.jvp._blocks._autocast_input_dtype.
     mlp_rule.input_only_to_a_linear = lambda mod: True
+    # (first Linear or None once freed, second Linear, activation): what the native block op runs for this MLP.
+    mlp_rule.layers = lambda: (first_ref(), second_ref(), activation)
     return mlp_rule
 
 

@@ -90,13 +90,25 @@ def _cuda_kernel_applies(q: Tensor, tq: Optional[Tensor], tk: Optional[Tensor]) 
             and (tq is not None or tk is not None) and _extension.has_kernel(_CUDA_KERNEL))
 
 
+def _cuda_kernel_chosen(head_dim: int) -> bool:
+    """Where the CUDA kernel applies and no backend is forced: whether FACM_EXT_ATTN_KERNEL (or, on auto, the
+    head dim's measured default) picks it over the Triton kernel."""
+    choice = _kernel_choice()
+    return choice == "cuda" or (choice == "auto" and head_dim in _CUDA_DEFAULT_HEAD_DIMS)
+
+
+def cuda_kernel_is_default(head_dim: int) -> bool:
+    """Whether fp16/bf16 CUDA inputs with a score tangent and this head dim run the CUDA kernel when no backend
+    is forced (facm_ext.jvp's native block op calls that kernel directly, so it applies only where this holds)."""
+    return head_dim in _CUDA_HEAD_DIMS and _extension.has_kernel(_CUDA_KERNEL) and _cuda_kernel_chosen(head_dim)
+
+
 def _forward_backend(q: Tensor, tq: Optional[Tensor] = None, tk: Optional[Tensor] = None) -> str:
     """'cuda', 'triton' or 'reference' for these inputs (the public function already rejected impossible
     forcings)."""
     forced = _common._forced_backend()
     if forced in (None, "cuda") and _cuda_kernel_applies(q, tq, tk):
-        choice = "cuda" if forced == "cuda" else _kernel_choice()
-        if choice == "cuda" or (choice == "auto" and q.shape[-1] in _CUDA_DEFAULT_HEAD_DIMS):
+        if forced == "cuda" or _cuda_kernel_chosen(q.shape[-1]):
             return "cuda"
     head_ok = _triton_head_dim_ok(q.shape[-1])
     if forced == "triton" and _interpreting() and not q.is_cuda:
