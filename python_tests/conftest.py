@@ -33,6 +33,17 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, *
     assert err <= tol, f"{what}: relative error {err:.3e} > tolerance {tol:.1e} ({dtype})"
 
 
+def randomize_weights(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere, scaled by fan-in (the zero adaLN init of DiT-style models would make outputs and
+    tangents trivially zero). Returns the module."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            fan_in = p.shape[-1] if p.dim() > 1 else 16
+            p.copy_(torch.randn(p.shape, generator=gen) * (1.5 / fan_in**0.5))
+    return module
+
+
 def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     """The same values as ``t`` in a non-contiguous view (every other element of a twice-as-wide buffer)."""
     buf = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)

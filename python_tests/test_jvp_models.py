@@ -18,19 +18,9 @@ from facm_ext.jvp import JVPReport
 from facm_ext.jvp._rules import get_op
 from facm_ext.models import DiT, LightningDiT, wan_small
 
-from conftest import REL_TOL, assert_rel_close, rel_err, requires_cuda
+from conftest import REL_TOL, assert_rel_close, randomize_weights, rel_err, requires_cuda
 
 F64 = torch.float64
-
-
-def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights everywhere (the zero adaLN init would make outputs and tangents trivially zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            fan_in = p.shape[-1] if p.dim() > 1 else 16
-            p.copy_(torch.randn(p.shape, generator=gen) * (1.5 / fan_in**0.5))
-    return model
 
 
 def tiny_lightningdit():
@@ -63,7 +53,7 @@ EXPECTED_FUSED = {
 def make_case(name: str, dtype=F64, device="cpu", batch: int = 2, seed: int = 0, padded: bool = False):
     """(model, func(x, t) -> output, primals (x, t), tangents (v, 1))."""
     torch.manual_seed(seed)
-    model = _randomize(MODELS[name](), seed).to(device=device, dtype=dtype)
+    model = randomize_weights(MODELS[name](), seed).to(device=device, dtype=dtype)
     gen = torch.Generator().manual_seed(seed + 1)
     if name == "wan":
         x = torch.randn(batch, 4, 2, 4, 4, generator=gen)
@@ -239,7 +229,7 @@ def test_wan_block_fused_only_when_verified(variant):
             x = x + self.cross_attn(self.norm3(x), context, context_lens)
             return x + self.ffn(self.norm2(x) * (1 + scale_ff) + shift_ff)
 
-    block = _randomize((WanBlock if variant == "official" else UngatedFfn)(64, 96, 2), seed=3).double()
+    block = randomize_weights((WanBlock if variant == "official" else UngatedFfn)(64, 96, 2), seed=3).double()
     grid = (2, 3, 20)  # 120 tokens: the first-call check uses a window of them
     tokens = 120
     gen = torch.Generator().manual_seed(4)

@@ -26,30 +26,24 @@ from facm_ext.models import DiT, LightningDiT
 from facm_ext.models.dit import DiTBlock
 from facm_ext.models.lightningdit import LightningDiTBlock, VisionRotaryEmbedding2D
 
-from conftest import REL_TOL, rel_err, requires_cuda
+from conftest import REL_TOL, randomize_weights, rel_err, requires_cuda
 
 F64, BF16 = torch.float64, torch.bfloat16
 OP = "adaln_block_jvp_cuda"
 
 
-def _randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights everywhere (the zero adaLN init would make the branches vanish)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            fan_in = p.shape[-1] if p.dim() > 1 else 16
-            p.copy_(torch.randn(p.shape, generator=gen) * (1.5 / fan_in**0.5))
-    return module
-
-
 def _block(kind: str, channels: int, heads: int, grid: int, seed: int = 0):
-    """(block, rope module or None) with fp32 parameters on the CPU."""
+    """(block, rope module or None) with fp32 parameters on the CPU. "dit_affine": DiT with LayerNorms that have a
+    weight (no bias), a form the block rule fuses too."""
     if kind == "lightningdit":
         block = LightningDiTBlock(channels, heads, use_qknorm=True, use_swiglu=True, use_rmsnorm=True)
         rope = VisionRotaryEmbedding2D(channels // heads, grid)
     else:
         block, rope = DiTBlock(channels, heads), None
-    return _randomize(block, seed), rope
+        if kind == "dit_affine":
+            block.norm1 = torch.nn.LayerNorm(channels, eps=1e-6, bias=False)
+            block.norm2 = torch.nn.LayerNorm(channels, eps=1e-6, bias=False)
+    return randomize_weights(block, seed), rope
 
 
 def _inputs(batch: int, tokens: int, channels: int, seed: int, device):
@@ -107,6 +101,7 @@ needs_native_op = pytest.mark.skipif(not _extension.has_kernel(OP), reason="exte
     ("lightningdit", 1152, 16, 16, 2),   # LightningDiT-XL/1's block at 256 tokens
     ("dit", 216, 3, 5, 2),               # 25 tokens, C = 3 x 72
     ("dit", 1152, 16, 16, 2),            # DiT-XL/2's block at 256 tokens
+    ("dit_affine", 144, 2, 4, 2),        # LayerNorms with a weight
 ])
 @pytest.mark.parametrize("c_tangent", [True, False], ids=["tc", "no_tc"])
 def test_native_block_matches_float64_and_per_op_path(kind, channels, heads, grid, batch, c_tangent, monkeypatch):
@@ -158,7 +153,7 @@ def test_whole_model_without_grad_runs_every_block_natively(name, monkeypatch):
                              num_classes=10)
     else:
         model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=144, depth=3, num_heads=2, num_classes=10)
-    model = _randomize(model, 5).cuda()
+    model = randomize_weights(model, 5).cuda()
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(2, 4, model.input_size, model.input_size, generator=gen).cuda()
     v = torch.randn(x.shape, generator=gen).cuda()

@@ -248,7 +248,6 @@ std::tuple<at::Tensor, at::Tensor> adaln_block_jvp_cuda(
   check_tensor("c", c, x);
   check_tensor("tc", tc, x);
   TORCH_CHECK(norm == 1 || norm == 2, kOp, ": norm must be 1 (layer) or 2 (rms), got ", std::to_string(norm));
-  TORCH_CHECK(norm == 2 || (!norm1_weight && !norm2_weight), kOp, ": the LayerNorm form takes no norm weights");
   check_tensor("norm1", norm1_weight, x);
   check_tensor("norm2", norm2_weight, x);
   TORCH_CHECK(heads >= 1 && channels % heads == 0, kOp, ": heads must divide C = ", std::to_string(channels),

@@ -276,7 +276,9 @@ def _native_block_call(block: nn.Module, args: tuple, norms):
     rope = args[2] if len(args) == 3 else None
     x_p, x_t = split_dual(x)
     c_p, c_t = split_dual(c)
-    if x_t is None or not x_p.is_cuda or torch.compiler.is_compiling():
+    if x_t is None or not x_p.is_cuda or torch.compiler.is_compiling() or x_t.dtype != x_p.dtype:
+        return None
+    if c_t is not None and c_t.dtype != c_p.dtype:
         return None
     if mode == "auto" and x_p.shape[0] * x_p.shape[1] > NATIVE_BLOCK_MAX_ROWS:
         return None
