@@ -112,15 +112,9 @@ Dual adaln(const Dual& x_in, const Dual& shift, const Dual& scale, int64_t norm,
     if (m && m->scalar_type() != x.scalar_type()) mod_dtype = at::kFloat;
   }
   const at::IntArrayRef shape = x.sizes();
-  const OptDtype requested = out_dtype && *out_dtype != x.scalar_type() ? out_dtype : std::nullopt;
-  const bool narrowing = requested && x.scalar_type() == at::kFloat &&
-                         (*requested == at::kBFloat16 || *requested == at::kHalf);
-  const bool cast_after = requested && !narrowing;
   auto [y, ty, mean, rstd] = norms::norm_modulate_jvp_cuda(
       x, tx, w, std::nullopt, tokenwise(shift.primal, mod_dtype, shape), tokenwise(shift.tangent, mod_dtype, shape),
-      tokenwise(scale.primal, mod_dtype, shape), tokenwise(scale.tangent, mod_dtype, shape), norm, eps,
-      cast_after ? std::nullopt : requested);
-  if (cast_after) return {y.to(*requested), ty.to(*requested)};
+      tokenwise(scale.primal, mod_dtype, shape), tokenwise(scale.tangent, mod_dtype, shape), norm, eps, out_dtype);
   return {y, ty};
 }
 

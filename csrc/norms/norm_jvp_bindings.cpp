@@ -116,18 +116,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_modulate_jvp_cud
   p.weight = channel_vector(weight, "weight", x);
   p.bias = channel_vector(bias, "bias", x);
 
-  // An output dtype other than x's: a 16-bit type for fp32 x, written by the kernel where it can
-  // (narrow_output_supported), else cast after it. Either way the fp32 result is rounded once.
+  // An output dtype other than x's: a 16-bit type for fp32 x is written by the kernel where it can
+  // (narrow_output_supported), rounding the fp32 result once; any other (and that one elsewhere) is a cast of the
+  // outputs in x's dtype, which for fp32 x also rounds the fp32 result once.
   const at::ScalarType y_dtype = out_dtype.value_or(x.scalar_type());
   bool cast_after = false;
   if (y_dtype != x.scalar_type()) {
-    TORCH_CHECK(x.scalar_type() == at::kFloat && (y_dtype == at::kBFloat16 || y_dtype == at::kHalf),
-                "norm_modulate_jvp_cuda: out_dtype must be x's dtype, or bfloat16 / float16 for float32 x; got ",
-                std::string(c10::toString(y_dtype)), " for x of dtype ", std::string(c10::toString(x.scalar_type())));
-    p.y_type = y_dtype == at::kBFloat16 ? ElemType::kBFloat16 : ElemType::kFloat16;
-    if (!narrow_output_supported(p)) {
-      p.y_type = p.x_type;
-      cast_after = true;
+    TORCH_CHECK(y_dtype == at::kFloat || y_dtype == at::kHalf || y_dtype == at::kBFloat16 || y_dtype == at::kDouble,
+                "norm_modulate_jvp_cuda: out_dtype must be a floating dtype, got ", std::string(c10::toString(y_dtype)));
+    cast_after = true;
+    if (x.scalar_type() == at::kFloat && (y_dtype == at::kBFloat16 || y_dtype == at::kHalf)) {
+      p.y_type = y_dtype == at::kBFloat16 ? ElemType::kBFloat16 : ElemType::kFloat16;
+      cast_after = !narrow_output_supported(p);
+      if (cast_after) p.y_type = p.x_type;
     }
   }
   const c10::cuda::CUDAGuard guard(x.device());

@@ -288,10 +288,6 @@ def _fp32_vector(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.to(torch.float32).contiguous()
 
 
-# Output dtypes the kernel writes for an x dtype other than its own (the cast an fp32 x's 16-bit consumer makes).
-_KERNEL_NARROWING = {(torch.float32, torch.bfloat16), (torch.float32, torch.float16)}
-
-
 def _forward_kernel(norm: int, x: Tensor, tx, weight, bias, shift, tshift, scale, tscale, eps: float,
                     out_dtype: Optional[torch.dtype] = None):
     """The CUDA kernel on [B', L', C] views; same outputs as :func:`_forward_reference` (stats in fp32)."""
@@ -320,12 +316,9 @@ def _forward_kernel(norm: int, x: Tensor, tx, weight, bias, shift, tshift, scale
             mod_dtype = torch.float32
         mods3 = [None if m is None else _channels_contiguous(_cast(_tokenwise(m), mod_dtype)).expand(shape3)
                  for m in mods]
-    cast_after = out_dtype is not None and out_dtype != x.dtype and (x.dtype, out_dtype) not in _KERNEL_NARROWING
+    # The kernel op writes out_dtype itself (directly where it can, else by a cast after the kernel).
     y, ty, mean, rstd = torch.ops.facm_ext.norm_modulate_jvp_cuda(
-        x3, tx3, _fp32_vector(weight), _fp32_vector(bias), *mods3, norm, eps,
-        out_dtype=None if cast_after else out_dtype)
-    if cast_after:
-        y, ty = y.to(out_dtype), ty.to(out_dtype)
+        x3, tx3, _fp32_vector(weight), _fp32_vector(bias), *mods3, norm, eps, out_dtype=out_dtype)
     if x3 is x:
         return y, ty, mean, rstd
     return y.view(x.shape), ty.view(x.shape), mean, rstd
