@@ -21,8 +21,8 @@
 //   x    = x + gate_mlp * fc2(act(fc1(h)))                 act: gelu (tanh) or swiglu (silu(first half) * second)
 //
 // Every Linear casts like F.linear under autocast (fp16/bf16/fp32 operands to autocast_dtype when given); the
-// norms compute in fp32 and write norm*_out_dtype (the 16-bit input dtype of the Linear after them) or their input
-// dtype.
+// norms take x in norm_dtype, compute in fp32 and write attn_input_dtype / mlp_input_dtype (the 16-bit dtype the
+// Linear after them casts to) when given, else norm_dtype.
 #include <cmath>
 #include <optional>
 #include <string>
