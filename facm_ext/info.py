@@ -50,7 +50,8 @@ def collect() -> dict:
             "available": native_block and mode != "0",
             "why": ("built" if native_block else "no CUDA kernels in this build") + (
                 "; FACM_EXT_NATIVE_BLOCKS=0" if mode == "0" else ""),
-            "when": "one C++ op per block (adaln_block_jvp_cuda) without grad, on CUDA under fp16/bf16 autocast, "
+            "when": "one C++ op per block (adaln_block_jvp_cuda; with grad, the primal from the block's own forward), "
+                    "on CUDA under fp16/bf16 autocast, "
                     "head_dim 72 (the CUDA attention kernel's default), "
                     + (f"up to {_blocks.NATIVE_BLOCK_MAX_ROWS} rows B x L (FACM_EXT_NATIVE_BLOCKS=auto)"
                        if mode == "auto" else "any number of rows (FACM_EXT_NATIVE_BLOCKS=1)")

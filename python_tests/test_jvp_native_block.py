@@ -5,8 +5,10 @@ GPU: blocks and whole tiny models under bf16 autocast with fp32 parameters, with
 and tangent against a float64 ``torch.func.jvp`` of the same block (math attention), within the bf16 tolerance or
 twice the error of ``torch.func.jvp`` in the same precision, whichever is larger, and against the per-op path
 (FACM_EXT_NATIVE_BLOCKS=0); odd token counts, a non-contiguous x, no tangent on c; the report names the op once per
-block; the cases where the per-op path must run instead (grad, a head dim whose default attention kernel is Triton,
-bf16 parameters, the switch, a forward hook, more rows than the auto mode's limit); the op's own argument errors
+block; with grad, the primal is the block's own forward (bit for bit) and its gradients (x, c, every parameter) are
+checked against float64 and the per-op path; the cases where the per-op path must run instead (a head dim whose
+default attention kernel is Triton, bf16 parameters, the switch, a forward hook, more rows than the auto mode's
+limit); the op's own argument errors
 and ``torch.library.opcheck``. CPU: the per-op path runs (the op is CUDA-only) and the report does not name it; a bad
 value of the switch is a ValueError.
 """
@@ -177,9 +179,55 @@ def test_whole_model_without_grad_runs_every_block_natively(name, monkeypatch):
     _assert_close_to_reference(tout, tref, tbase, "tangent")
 
 
+def _weighted_sum(out: torch.Tensor) -> torch.Tensor:
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view(out.shape)
+    return (out * weights).sum() + out.square().sum()
+
+
+def _with_grad(block, rope, x, tx, c, tc, *, native: bool, monkeypatch, report=False):
+    """(primal, tangent, gradients of a loss of the primal w.r.t. x, c and the block's parameters), bf16 autocast."""
+    monkeypatch.setenv("FACM_EXT_NATIVE_BLOCKS", "1" if native else "0")
+    extra = () if rope is None else (rope,)
+    x, c = x.detach().requires_grad_(), c.detach().requires_grad_()
+    with torch.autocast("cuda", BF16):
+        out, tout = facm_ext.jvp(lambda x_, c_: block(x_, c_, *extra), (x, c), (tx, tc), report=report)
+    assert not tout.requires_grad
+    return out, tout, torch.autograd.grad(_weighted_sum(out.float()), [x, c, *block.parameters()])
+
+
 @requires_cuda
 @needs_native_op
-@pytest.mark.parametrize("case", ["grad", "head_dim_64", "bf16_params", "switch_off", "forward_hook"])
+@pytest.mark.parametrize("kind,channels,heads,grid", [("lightningdit", 144, 2, 3), ("dit", 216, 3, 5),
+                                                      ("lightningdit", 1152, 16, 16)])
+def test_with_grad_the_primal_and_its_gradients_come_from_the_blocks_own_forward(kind, channels, heads, grid,
+                                                                                  monkeypatch):
+    block, rope = _block(kind, channels, heads, grid, seed=2)
+    block = block.cuda()
+    rope = None if rope is None else rope.cuda()
+    x, tx, c, tc = _inputs(2, grid * grid, channels, 5, "cuda")
+    report = JVPReport()
+    out, tout, grads = _with_grad(block, rope, x, tx, c, tc, native=True, monkeypatch=monkeypatch, report=report)
+    assert any("the primal with grad from the block's own forward" in key for key in report.fused), str(report)
+    extra = () if rope is None else (rope,)
+    with torch.autocast("cuda", BF16):
+        plain = block(x, c, *extra)
+    assert torch.equal(out, plain)  # the block's own forward, bit for bit
+    _, tout_ops, grads_ops = _with_grad(block, rope, x, tx, c, tc, native=False, monkeypatch=monkeypatch)
+    assert rel_err(tout, tout_ops) <= REL_TOL[BF16]
+
+    block64, rope64 = copy.deepcopy(block).double(), None if rope is None else copy.deepcopy(rope).double()
+    x64, c64 = x.double().requires_grad_(), c.double().requires_grad_()
+    ref = block64(x64, c64, *(() if rope64 is None else (rope64,)))
+    grads_ref = torch.autograd.grad(_weighted_sum(ref), [x64, c64, *block64.parameters()])
+    names = ["x", "c"] + [name for name, _ in block.named_parameters()]
+    for name, g, g_ops, g_ref in zip(names, grads, grads_ops, grads_ref):
+        err, err_ops = rel_err(g, g_ref), rel_err(g_ops, g_ref)
+        assert err <= max(REL_TOL[BF16], 2 * err_ops), f"grad {name}: {err:.2e} vs float64 (per-op path: {err_ops:.2e})"
+
+
+@requires_cuda
+@needs_native_op
+@pytest.mark.parametrize("case", ["head_dim_64", "bf16_params", "switch_off", "forward_hook"])
 def test_per_op_path_runs_where_the_native_op_does_not_apply(case, monkeypatch):
     heads = 2 if case != "head_dim_64" else 3  # C = 192: 3 heads of 64 take the Triton attention kernel by default
     channels = 144 if case != "head_dim_64" else 192
@@ -193,11 +241,7 @@ def test_per_op_path_runs_where_the_native_op_does_not_apply(case, monkeypatch):
     if case == "bf16_params":
         x, tx, c, tc = (t.to(BF16) for t in (x, tx, c, tc))
     report = JVPReport()
-    if case == "grad":
-        with torch.autocast("cuda", BF16):
-            facm_ext.jvp(lambda x_, c_: block(x_, c_), (x, c), (tx, tc), report=report)
-    else:
-        _run(block, rope, x, tx, c, tc, native=case != "switch_off", monkeypatch=monkeypatch, report=report)
+    _run(block, rope, x, tx, c, tc, native=case != "switch_off", monkeypatch=monkeypatch, report=report)
     assert _native_calls(report) == 0, f"the native op ran ({case}):\n{report}"
 
 
@@ -216,6 +260,22 @@ def test_auto_mode_uses_the_native_op_up_to_its_row_limit(tokens, native, monkey
     with torch.no_grad(), torch.autocast("cuda", BF16):
         facm_ext.jvp(lambda x_, c_: block(x_, c_), (x, c), (tx, tc), report=report)
     assert _native_calls(report) == (1 if native else 0), str(report)
+
+
+@requires_cuda
+@needs_native_op
+def test_graph_captures_the_per_op_path(monkeypatch):
+    """facm_ext.jvp.graph warms up and captures the per-op path (a replay costs no host time; its kernels take the
+    least GPU time): the replay equals the eager per-op JVP bit for bit."""
+    block, _ = _block("dit", 144, 2, 3)
+    block = block.cuda()
+    x, tx, c, tc = _inputs(2, 9, 144, 6, "cuda")
+    monkeypatch.setenv("FACM_EXT_NATIVE_BLOCKS", "1")
+    with torch.no_grad(), torch.autocast("cuda", BF16, cache_enabled=False):
+        graphed = facm_ext.jvp.graph(lambda x_, c_: block(x_, c_), (x, c), (tx, tc), module=block)
+        out, tout = graphed((x, c), (tx, tc))
+    out_ops, tout_ops = _run(block, None, x, tx, c, tc, native=False, monkeypatch=monkeypatch)
+    assert torch.equal(out, out_ops) and torch.equal(tout, tout_ops)
 
 
 def _op_args(batch=2, tokens=9, channels=144, heads=2, dtype=BF16, rope=True):

@@ -6,8 +6,9 @@
 // needs longer to issue them (53-86 ms per JVP, depending on the CPU) than the GPU to run them (23 ms). This op runs
 // the same sequence of kernels -- the same kernel ops, cuBLAS GEMMs and casts, in the same order and dtypes -- from
 // C++, so one block costs one Python call. The transform takes this path only where the per-op path would run
-// exactly these kernels (facm_ext/jvp/_blocks.py, _native_block_call): no grad, CUDA, 16-bit compute, the CUDA
-// attention kernel for the head dim, verified attention and MLP modules. One difference: the MLP runs as cuBLAS up
+// exactly these kernels (facm_ext/jvp/_blocks.py, _native_block_call): CUDA, 16-bit compute, the CUDA attention
+// kernel for the head dim, verified attention and MLP modules. The op records no autograd graph; with grad, the
+// transform takes the primal from the block's own forward and the tangent from this op. One difference: the MLP runs as cuBLAS up
 // + activation kernel + cuBLAS down, where the per-op path's mlp_jvp fuses the activation into a Triton GEMM (the
 // up-projection is rounded to the compute dtype before the activation here, as in a plain autocast forward).
 //

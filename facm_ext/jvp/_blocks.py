@@ -20,9 +20,9 @@ autocast off: both primal and tangent must agree to 1e-3 (fp32) or 1e-9 (fp64) r
 parameters are not fp32/fp64 cannot be verified that precisely and are never fused this way (their ops still are,
 one by one). A failed check is recorded in the report and the block keeps its own forward.
 
-Without grad, on CUDA under autocast, a verified adaLN block runs as one C++ op, ``adaln_block_jvp_cuda``, which
+On CUDA under autocast, a verified adaLN block runs as one C++ op, ``adaln_block_jvp_cuda``, which
 issues the same kernels from C++ (see :func:`_native_block_call`): the per-op path's ~37 launches from Python per
-block are what bound the eager JVP at small batches.
+block are what bound the eager JVP at small batches. With grad, the primal comes from the block's own forward.
 """
 
 from __future__ import annotations
@@ -258,7 +258,10 @@ def _native_block_call(block: nn.Module, args: tuple, norms):
     casts and order), except the MLP, which it runs as cuBLAS up + activation kernel + cuBLAS down instead of
     mlp_jvp's Triton GEMM with the activation in its epilogue. It applies only where the per-op path would run
     those kernels and nothing else:
-    - no gradient: grad mode off, or no input, tangent or parameter requires grad (the op records no graph);
+    - the op records no autograd graph: where the primal needs one (grad mode on and an input or parameter
+      requires grad), the block's own forward on the primals computes it beside the op (a plain forward's graph
+      and gradients);
+    - not inside facm_ext.jvp.graph, whose replays cost no host time (the per-op path's kernels take less GPU time);
     - plain eager execution: not compiling, no dispatch mode or functorch transform, no module-call handler (the
       chain's) or registered rule for a module the per-op path would call, FACM_EXT_BACKEND unset, plain tensors;
     - CUDA under fp16/bf16 autocast (blocks are verified, hence fused, only with fp32/fp64 parameters), an fp32
@@ -270,7 +273,7 @@ def _native_block_call(block: nn.Module, args: tuple, norms):
     With FACM_EXT_NATIVE_BLOCKS=auto (the default), only up to NATIVE_BLOCK_MAX_ROWS rows (B x L); =1 at any size;
     =0 never."""
     mode = native_block_mode()
-    if mode == "0" or len(args) > 3:
+    if mode == "0" or STATE.per_op_blocks or len(args) > 3:
         return None
     x, c = args[0], args[1]
     rope = args[2] if len(args) == 3 else None
@@ -349,17 +352,27 @@ def _native_block_call(block: nn.Module, args: tuple, norms):
     tensors = (x_p, x_t, c_p, c_t, ada.weight, ada.bias, norm1_weight, norm2_weight, qkv.weight, qkv.bias,
                q_norm_weight, k_norm_weight, cos, sin, proj.weight, proj.bias, fc1.weight, fc1.bias, fc2.weight,
                fc2.bias)
-    grad = torch.is_grad_enabled()
+    needs_grad = False
+    grad_mode = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or (grad and t.requires_grad)):
-            return None
+        if t is not None:
+            if type(t) not in _PLAIN_TENSOR_TYPES:
+                return None
+            needs_grad = needs_grad or (grad_mode and t.requires_grad)
     primal, tangent = torch.ops.facm_ext.adaln_block_jvp_cuda(
         x_p, x_t, c_p, c_t, ada.weight, ada.bias, 1 if kind == "layer" else 2, norm1_weight, norm2_weight,
         eps1, second[2], norm_dtype, qkv.weight, qkv.bias, heads, q_norm_weight, k_norm_weight, q_eps, k_eps, cos,
         sin, interleaved, proj.weight, proj.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation, compute,
         attn_input, mlp_input)
+    if needs_grad:
+        # The op records no graph. The primal that needs one is the block's own forward on the plain primals (no
+        # tangents, so the transform lets every call through; the caller's autocast applies): a plain forward's
+        # graph, activations and gradients, one more forward of GPU work, and far less host work than the per-op
+        # path's ops with their autograd nodes.
+        primal = block(x_p, c_p, *args[2:])
     if STATE.report is not None:
-        record_fused(f"{type(block).__name__} (adaLN block) -> {_NATIVE_BLOCK_KERNEL}")
+        how = " (tangent; the primal with grad from the block's own forward)" if needs_grad else ""
+        record_fused(f"{type(block).__name__} (adaLN block) -> {_NATIVE_BLOCK_KERNEL}{how}")
     return wrap_op_result(primal, tangent)
 
 

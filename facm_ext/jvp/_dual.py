@@ -174,6 +174,9 @@ class _State(threading.local):
         # id(module) -> (module, the modules of its subtree), kept for one facm_ext.jvp call (see
         # facm_ext.jvp._modules._tree_has_hooks); None outside a call.
         self.subtrees: Optional[dict] = None
+        # True while facm_ext.jvp.graph warms up and captures: blocks keep the per-op path there (see
+        # facm_ext.jvp._graph._JVPModule.forward).
+        self.per_op_blocks = False
 
 
 STATE = _State()
