@@ -188,6 +188,9 @@ def _gated(x, gate, y, per_token: bool = False):
     return x + gate.unsqueeze(1) * y
 
 
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
 def _autocast_input_dtype(module: nn.Module, x_dtype: torch.dtype, device_type: str) -> Optional[torch.dtype]:
     """The autocast dtype when ``module``'s input (of ``x_dtype``, fp32) only feeds an nn.Linear under autocast
     (a verified attention module's qkv, a recognized MLP's first layer): that Linear casts it to the 16-bit dtype
@@ -196,7 +199,7 @@ def _autocast_input_dtype(module: nn.Module, x_dtype: torch.dtype, device_type: 
     if x_dtype != torch.float32 or not torch.is_autocast_enabled(device_type):
         return None
     dtype = torch.get_autocast_dtype(device_type)
-    if dtype not in (torch.float16, torch.bfloat16) or not _own_rule_applies(module, check_hooks=True):
+    if dtype not in _SIXTEEN_BIT or not _own_rule_applies(module, check_hooks=True):
         return None
     check = getattr(_modules._pattern_for(module), "input_only_to_a_linear", None)
     return dtype if check is not None and check(module) else None
@@ -207,7 +210,7 @@ def _fused_forward(block: nn.Module, args: tuple, norms):
     modulation = block.adaLN_modulation(c)
     with DisableTorchFunctionSubclass():
         x_dtype, device_type = x.dtype, x.device.type
-        widen = x_dtype == torch.float32 and modulation.dtype in (torch.float16, torch.bfloat16)
+        widen = x_dtype == torch.float32 and modulation.dtype in _SIXTEEN_BIT
     # An fp32 residual stream with 16-bit modulation (fp32 parameters under autocast): the norm op would cast each
     # of its four modulation chunks to fp32 (8 launches per block); one cast of the [B, 6C] output and its tangent
     # gives the same values. The gated residual reads an fp32 gate as it reads a 16-bit one.
@@ -223,8 +226,6 @@ def _fused_forward(block: nn.Module, args: tuple, norms):
 
 # ------------------------------------------------------------------------------------ adaLN blocks from C++
 _NATIVE_BLOCK_KERNEL = "adaln_block_jvp_cuda"
-_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
-_PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
 
 
 # Above this many rows (B x L), "auto" keeps a block on the per-op path: there the GPU time decides, and the per-op
@@ -356,7 +357,7 @@ def _native_block_call(block: nn.Module, args: tuple, norms):
     grad_mode = torch.is_grad_enabled()
     for t in tensors:
         if t is not None:
-            if type(t) not in _PLAIN_TENSOR_TYPES:
+            if type(t) not in _common._EXACT_TENSOR_TYPES:
                 return None
             needs_grad = needs_grad or (grad_mode and t.requires_grad)
     primal, tangent = torch.ops.facm_ext.adaln_block_jvp_cuda(
@@ -395,7 +396,7 @@ def _first_sample(value, batch: int):
 
 
 def _widen(value, dtype: torch.dtype):
-    if not isinstance(value, torch.Tensor) or value.dtype not in (torch.float16, torch.bfloat16):
+    if not isinstance(value, torch.Tensor) or value.dtype not in _SIXTEEN_BIT:
         return value
     primal, tangent = split_dual(value)
     if type(value) is DualTensor:
@@ -784,7 +785,7 @@ def _module_pair(module, pair, *extra, check_hooks: bool = False):
         if type(module) is nn.Identity and not extra:
             return pair
         if type(module) is nn.Linear:
-            if not extra and "forward" not in module.__dict__ and module._compiled_call_impl is None:
+            if not extra and _plain_module(module):
                 result = _linear_pair(module, *pair)
                 if result is not None:
                     return result
