@@ -4,9 +4,10 @@
 - mlp_jvp variants: FACM_EXT_MLP_UP=cublas (cuBLAS up-projection + a separate Triton activation-JVP pass),
   FACM_EXT_BACKEND=triton (the down-projection on the dual GEMM too) and FACM_EXT_DUAL_GEMM=pointer (pointer loads
   instead of the default TMA descriptors);
-- unfused facm_ext ops: linear_jvp + swiglu_jvp / gelu_jvp + linear_jvp (the task's target: fused >= 1.2x faster;
-  the note says whether the activation op ran its compiled CUDA kernel or its PyTorch fallback);
-- unfused with the strongest activation pass: linear_jvp + torch.compile(activation JVP formulas) + linear_jvp;
+- unfused facm_ext ops: linear_jvp + swiglu_jvp / gelu_jvp + linear_jvp (the note says whether the activation op
+  ran its compiled CUDA kernel or its PyTorch fallback);
+- unfused with a compiled activation pass: linear_jvp + torch.compile(activation JVP formulas) + linear_jvp;
+  the task's target (fused >= 1.2x faster than unfused) is judged against the faster of the two unfused rows;
 - eager torch.func.jvp of the reference MLP, and torch.compile of it;
 - with grad on: the forward that also stores the pre-activation, and the primal backward vs the reference's
   autograd backward.
@@ -135,23 +136,25 @@ def test_bench_mlp_jvp(benchmark, case, monkeypatch):
 
         act_backend = "CUDA kernel" if _extension.has_kernel(
             "swiglu_jvp_cuda" if activation == "swiglu" else "gelu_jvp_cuda") else "PyTorch fallback (no _C)"
-        ms_unfused = _record_alternative(
-            group, case, "unfused: linear_jvp + act jvp op + linear_jvp",
-            functools.partial(_unfused_ops, x, tx, *params, activation), flops, ms_ours,
-            note=f"act op: {act_backend}")
-        if ms_unfused is not None:
-            met = "met" if ms_unfused / ms_ours >= TARGET_SPEEDUP else "NOT met"
-            _harness.RESULTS[-1]["note"] += f"; target >= {TARGET_SPEEDUP}x: {met}"
+        unfused_rows = []
+        if _record_alternative(group, case, "unfused: linear_jvp + act jvp op + linear_jvp",
+                               functools.partial(_unfused_ops, x, tx, *params, activation), flops, ms_ours,
+                               note=f"act op: {act_backend}") is not None:
+            unfused_rows.append(_harness.RESULTS[-1])
 
         compiled_activation = torch.compile(
             functools.partial(mlp_ops._activation_jvp, activation=activation), fullgraph=True, dynamic=False)
-        ms_unfused_best = _record_alternative(
-            group, case, "unfused: linear_jvp + compiled act jvp + linear_jvp",
-            functools.partial(_unfused_compiled_activation, compiled_activation, x, tx, *params), flops, ms_ours,
-            note="strongest unfused")
-        if ms_unfused_best is not None:
-            met = "met" if ms_unfused_best / ms_ours >= TARGET_SPEEDUP else "NOT met"
-            _harness.RESULTS[-1]["note"] += f"; target >= {TARGET_SPEEDUP}x: {met}"
+        if _record_alternative(group, case, "unfused: linear_jvp + compiled act jvp + linear_jvp",
+                               functools.partial(_unfused_compiled_activation, compiled_activation, x, tx, *params),
+                               flops, ms_ours) is not None:
+            unfused_rows.append(_harness.RESULTS[-1])
+        # The target is judged against the faster unfused row only: both run the same cuBLAS GEMMs and an
+        # activation pass at the copy bandwidth, and whole-call timings of the two differ by a few ms from run to
+        # run at the Wan shape with identical kernel times (results/2026-11-26m_h100_mlp_unfused_timing_check.txt).
+        if unfused_rows:
+            strongest = min(unfused_rows, key=lambda row: row["ms"])
+            met = "met" if strongest["ms"] / ms_ours >= TARGET_SPEEDUP else "NOT met"
+            strongest["note"] += f"; strongest unfused; target >= {TARGET_SPEEDUP}x: {met}"
 
         _record_alternative(group, case, "torch.func.jvp(reference MLP) eager",
                             functools.partial(_func_jvp, x, tx, *params, activation), flops, ms_ours)
