@@ -266,7 +266,8 @@ std::tuple<at::Tensor, at::Tensor> adaln_block_jvp_cuda(
 
   const c10::cuda::CUDAGuard guard(x.device());
   // Every cast above is explicit, as the per-op path's op bodies run with autocast off; autograd does not record
-  // (the transform calls this op only where no gradient is needed).
+  // (the outputs carry no graph: with grad, the transform keeps only the tangent and takes the primal from the
+  // block's own forward).
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
 
